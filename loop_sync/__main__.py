@@ -1,0 +1,3 @@
+from loop_sync.cli import main
+
+main()

@@ -1,0 +1,63 @@
+"""Shared fixtures: a clean environment, a live sandbox, and the PostgreSQL server."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from cryptography.fernet import Fernet
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import OperationalError
+
+from loop_sync.sandbox import Knobs, Sandbox, SandboxConfig, running_sandbox
+
+PG_URL = os.environ.get(
+    "LOOP_SYNC_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """No test sees the developer's LOOP_* variables or .env."""
+    for name in list(os.environ):
+        if name.startswith("LOOP_") and name != "LOOP_SYNC_TEST_PG_URL":
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
+@pytest.fixture
+def fernet_key() -> str:
+    return Fernet.generate_key().decode()
+
+
+@pytest.fixture
+def sandbox_config() -> SandboxConfig:
+    return SandboxConfig(users=5, seed=7, results_per_user=30, knobs=Knobs(auto_approve=True))
+
+
+@pytest.fixture
+def sandbox(sandbox_config: SandboxConfig) -> Iterator[Sandbox]:
+    with running_sandbox(sandbox_config) as live:
+        yield live
+
+
+@pytest.fixture
+def http(sandbox: Sandbox) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=sandbox.issuer, timeout=10) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    """The PostgreSQL test server: required under CI=true, skipped (with why) elsewhere."""
+    try:
+        with create_engine(PG_URL).connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except OperationalError as exc:
+        reason = f"PostgreSQL not reachable at {PG_URL}: {str(exc.orig).splitlines()[0]}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason} (CI=true requires it; run scripts/ensure-postgres)")
+        pytest.skip(reason)
+    return PG_URL
