@@ -14,8 +14,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "loop-sync needs Python 3.11 or newer: set PYTHON=python3.11")'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
+	$(BIN)/python -m pip install -qq -c requirements.lock -e '.[dev]'
 	@touch $(STAMP)
 
 # Start what the test suites need when it is installed but not running (CI starts clean).
@@ -35,7 +34,7 @@ demo: $(STAMP)
 
 # Re-pin every dependency after changing pyproject.toml (needs network to PyPI).
 lock:
-	$(PYTHON) -m venv /tmp/loop-sync-lock && /tmp/loop-sync-lock/bin/pip install --quiet uv
+	$(PYTHON) -m venv /tmp/loop-sync-lock && /tmp/loop-sync-lock/bin/pip install -qq uv
 	/tmp/loop-sync-lock/bin/uv pip compile pyproject.toml --extra dev --python-version 3.11 \
 		--no-header -o requirements.lock
 

@@ -11,7 +11,7 @@ from cryptography.fernet import Fernet
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
-from loop_sync.sandbox import Knobs, Sandbox, SandboxConfig, running_sandbox
+from loop_sync.sandbox import Knobs, Sandbox, SandboxConfig, SandboxHost
 
 PG_URL = os.environ.get(
     "LOOP_SYNC_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -37,10 +37,18 @@ def sandbox_config() -> SandboxConfig:
     return SandboxConfig(users=5, seed=7, results_per_user=30, knobs=Knobs(auto_approve=True))
 
 
+@pytest.fixture(scope="session")
+def sandbox_host() -> Iterator[SandboxHost]:
+    """One loopback server for the session; each test mounts a fresh sandbox on it."""
+    with SandboxHost() as host:
+        yield host
+
+
 @pytest.fixture
-def sandbox(sandbox_config: SandboxConfig) -> Iterator[Sandbox]:
-    with running_sandbox(sandbox_config) as live:
-        yield live
+def sandbox(sandbox_config: SandboxConfig, sandbox_host: SandboxHost) -> Iterator[Sandbox]:
+    """A live sandbox, fresh for this test: own clock, counters, knobs and grants."""
+    yield sandbox_host.mount(sandbox_config)
+    sandbox_host.sandbox = None
 
 
 @pytest.fixture

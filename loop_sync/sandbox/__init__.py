@@ -2,6 +2,6 @@
 
 from loop_sync.sandbox.app import Sandbox, SandboxClient, SandboxConfig
 from loop_sync.sandbox.knobs import Knobs
-from loop_sync.sandbox.server import running_sandbox
+from loop_sync.sandbox.server import SandboxHost, running_sandbox
 
-__all__ = ["Knobs", "Sandbox", "SandboxClient", "SandboxConfig", "running_sandbox"]
+__all__ = ["Knobs", "Sandbox", "SandboxClient", "SandboxConfig", "SandboxHost", "running_sandbox"]

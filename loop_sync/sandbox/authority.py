@@ -111,6 +111,7 @@ class _Token:
     grant_id: str
     expires_at: datetime
     state: str = "active"  # active | used | superseded | revoked
+    scopes: tuple[str, ...] = ()  # access tokens: what a narrowed refresh granted
 
 
 @dataclass(frozen=True)
@@ -246,9 +247,8 @@ class Authority:
         if user_id not in self.users:
             raise AuthorizePageError("No such sandbox user.")
         withheld = self._knobs().narrow_scopes
-        granted = tuple(
-            s for s in (scopes or request.scopes) if s in request.scopes and s not in withheld
-        )
+        chosen = request.scopes if scopes is None else scopes  # () = every box unchecked
+        granted = tuple(s for s in chosen if s in request.scopes and s not in withheld)
         code = secrets.token_urlsafe(32)
         expires = self._clock.now() + timedelta(seconds=contract.AUTH_CODE_TTL_S)
         with self._lock:
@@ -308,12 +308,16 @@ class Authority:
         previous = self._current_grant.get(key)
         if previous is not None:  # a new consent replaces the refresh token
             for token in self._grants[previous].refresh_tokens:
-                self._refresh[token].state = "superseded"
+                if self._refresh[token].state == "active":  # a used one stays a replay
+                    self._refresh[token].state = "superseded"
         grant = _Grant(secrets.token_hex(8), code.user_id, client.client_id, code.scopes)
         self._grants[grant.grant_id] = grant
         self._current_grant[key] = grant.grant_id
         code.grant_id = grant.grant_id
-        return grant.user_id, self._issue(grant, nonce=code.request.nonce, with_refresh=True)
+        with_refresh = contract.GRANT_REFRESH_TOKEN in client.grant_types
+        return grant.user_id, self._issue(
+            grant, nonce=code.request.nonce, with_refresh=with_refresh
+        )
 
     def _refresh_grant(self, client: Client, form: Mapping[str, str]) -> tuple[str, dict[str, Any]]:
         presented = form.get("refresh_token")
@@ -359,7 +363,7 @@ class Authority:
         scopes = scopes or grant.scopes
         ttl = self._knobs().access_token_ttl_s
         access = contract.ACCESS_TOKEN_PREFIX + secrets.token_urlsafe(32)
-        self._access[access] = _Token(grant.grant_id, now + timedelta(seconds=ttl))
+        self._access[access] = _Token(grant.grant_id, now + timedelta(seconds=ttl), scopes=scopes)
         grant.access_tokens.add(access)
         body: dict[str, Any] = {
             "access_token": access,
@@ -434,7 +438,9 @@ class Authority:
         client = self._authenticate(form)
         presented = form.get("token", "")
         with self._lock:
-            kind, token = "access_token", self._access.get(presented)
+            # RFC 7662 2.2: token_type is the RFC 6749 5.1 type ("Bearer") for access
+            # tokens; refresh tokens have no such type, so the sandbox names the kind.
+            kind, token = "Bearer", self._access.get(presented)
             if token is None:
                 kind, token = "refresh_token", self._refresh.get(presented)
             grant = self._grants[token.grant_id] if token else None
@@ -451,7 +457,7 @@ class Authority:
                 "active": True,
                 "sub": grant.user_id,
                 "client_id": grant.client_id,
-                "scope": " ".join(grant.scopes),
+                "scope": " ".join(token.scopes or grant.scopes),
                 "exp": int(token.expires_at.timestamp()),
                 "brand": BRAND,
                 "token_type": kind,
@@ -466,7 +472,7 @@ class Authority:
             grant = self._grants[access.grant_id]
             if grant.revoked or self._clock.now() >= access.expires_at:
                 return None
-            return AccessGrant(grant.user_id, grant.client_id, grant.scopes, access.expires_at)
+            return AccessGrant(grant.user_id, grant.client_id, access.scopes, access.expires_at)
 
 
 def s256(verifier: str) -> str:

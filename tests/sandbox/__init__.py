@@ -1,0 +1,1 @@
+"""Contract tests of the sandbox Loop platform, over real HTTP on loopback."""
