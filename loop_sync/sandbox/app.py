@@ -39,6 +39,9 @@ from loop_sync.sandbox.pages import consent_page, error_page
 
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 FORM_TYPE = "application/x-www-form-urlencoded"
+# Each cached user costs ~80 kB at 100 results; a sweep over more users than the cache
+# holds regenerates every user, so cache all of them up to this many.
+RESULTS_CACHE_MAX_USERS = 10_000
 
 
 class SandboxClient(BaseSettings):
@@ -84,7 +87,12 @@ class Sandbox:
                 (config.client.redirect_uri,),
             )
         )
-        self.results = SyntheticResults(config.seed, self.clock.now(), config.results_per_user)
+        self.results = SyntheticResults(
+            config.seed,
+            self.clock.now(),
+            config.results_per_user,
+            cache_size=max(1, min(config.users, RESULTS_CACHE_MAX_USERS)),
+        )
         self.faults = Faults(lambda: self.knobs, self.counters, self.clock, config.seed)
         self.app = Starlette(routes=self._routes(), exception_handlers={404: _not_found})
 

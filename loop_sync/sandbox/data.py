@@ -3,11 +3,11 @@
 A user's history comes from ``random.Random(f"{seed}:{user_id}")``: ``results_per_user``
 results parsed in the year before the epoch's day, then a panel every 3-10 days for 60 days.
 Some results are corrected or deleted later, before or after the epoch, so moving the clock
-reveals new results, corrections and deletions, as on Loop. A small seeded share is messy the
-ways Loop really is. Times count from the epoch's UTC day: a seed gives the same records per
-day offset. The past is drawn on a user's first call; each future panel comes from the same
-RNG, in order, when the clock first reaches it, so call order and cache evictions change
-nothing. ``records()`` then only filters and copies.
+reveals new results, corrections and deletions, as on Loop. A small seeded share is messy in
+the ways Loop's data really is. Times count from the epoch's UTC day, so a seed gives the same
+records per day offset. A user's past is drawn on their first call, and each future panel is
+drawn from the same RNG, in order, when the clock first reaches it, so neither call order nor
+cache evictions change anything. Otherwise ``records()`` only filters and copies.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from bisect import bisect_right
 from collections import OrderedDict
 from datetime import UTC, datetime
 from functools import cache
+from itertools import accumulate
 from statistics import NormalDist
 from typing import Any, Final, NamedTuple
 
@@ -96,7 +97,17 @@ dhea-s 200 .5            bun 15 .3
 
 Record = dict[str, Any]
 _DAY: Final = 86_400
-_RARE_GATE: Final = 0.15  # one draw skips all the rare cases at once (speed); rates unchanged
+# Each result is messy in at most one way: one draw picks which (and mostly none).
+_MESSINESS: Final = (
+    ("unknown marker", UNKNOWN_MARKER_RATE),
+    ("censored", CENSORED_RATE),
+    ("text", TEXT_RESULT_RATE),
+    ("implausible", IMPLAUSIBLE_RATE),
+    ("unknown unit", UNKNOWN_UNIT_RATE),
+    ("extra field", EXTRA_FIELD_RATE),
+)
+_MESSY_BOUNDS: Final = tuple(accumulate(rate for _, rate in _MESSINESS))
+_MESSY_RATE: Final = _MESSY_BOUNDS[-1]
 _LEVELS: Final = 512  # values are drawn from this many log-normal quantiles, precomputed
 _Z: Final = tuple(NormalDist().inv_cdf((i + 0.5) / _LEVELS) for i in range(_LEVELS))
 
@@ -240,13 +251,14 @@ def _misspell(unit: str, known: frozenset[str], pick: float) -> str:
     return next(v for v in variants[start:] + variants[:start] if v not in known)
 
 
-def _rare(
-    rng: random.Random, record: Record, marker: _Marker, unit: _Unit, parsed_ts: int
-) -> tuple[Revisions, float]:
-    """Give a result that passed the rare gate its rare traits, each at rate / _RARE_GATE."""
+def _mess_up(
+    rng: random.Random, record: Record, marker: _Marker, unit: _Unit, kind: float
+) -> float:
+    """Make `record` messy in the one way `kind` (uniform below _MESSY_RATE) picks (an unknown
+    marker was already chosen by the caller); return the number a correction starts from."""
     number: float = record["value"]
-    kind = rng.random() * _RARE_GATE
-    if kind < CENSORED_RATE:
+    messiness = _MESSINESS[bisect_right(_MESSY_BOUNDS, kind)][0]
+    if messiness == "censored":
         operator = rng.choice(CENSOR_OPERATORS)
         if operator.startswith("<"):  # a detection limit below the range, or one above it
             number = float(f"{unit.ref_low * _between(rng, (0.2, 0.9)):.1g}")
@@ -255,31 +267,33 @@ def _rare(
         text = operator + f"{number:.10f}".rstrip("0").rstrip(".")
         value = number if rng.random() < 0.5 else None
         record.update(value=value, value_text=text, status=_status(number, unit))
-    elif kind < CENSORED_RATE + TEXT_RESULT_RATE:
+    elif messiness == "text":
         text = rng.choice(tuple(TEXT_RESULTS))
         record.update(value=None, value_text=text, status=TEXT_RESULTS[text])
-    elif kind < CENSORED_RATE + TEXT_RESULT_RATE + IMPLAUSIBLE_RATE and unit.convertible:
+    elif messiness == "implausible" and unit.convertible:
         low_side = unit.shift == 0 and rng.random() < 0.3
         canonical = marker.low * _between(rng, (0.1, 0.5)) if low_side else marker.high * 2
         number = _round(canonical * unit.scale + unit.shift)
         record.update(value=number, status=_status(number, unit))
-    if marker.loinc is not None and rng.random() < UNKNOWN_UNIT_RATE / _RARE_GATE:
+    elif messiness == "unknown unit":
         record["unit"] = _misspell(unit.unit, marker.units, rng.random())
-    if rng.random() < EXTRA_FIELD_RATE / _RARE_GATE:
+    elif messiness == "extra field":
         field, extra = rng.choice(EXTRA_FIELDS)
         record[field] = extra
-    revisions, updated, latest = [], parsed_ts, record
-    if rng.random() < CORRECTION_RATE / _RARE_GATE:
-        for revision in range(2, 4 if rng.random() < THIRD_REVISION_SHARE else 3):
-            updated += int(_between(rng, CORRECTION_DELAY_DAYS) * _DAY)
-            number = _round(number * (1 + rng.choice((-1, 1)) * _between(rng, (0.05, 0.25))))
-            correction = {"value": number, "value_text": None, "status": _status(number, unit)}
-            latest = latest | correction | {"updated_at": _utc(updated), "revision": revision}
-            revisions.append((updated, latest))
-    deleted = math.inf
-    if rng.random() < DELETION_RATE / _RARE_GATE:
-        deleted = parsed_ts + int(_between(rng, DELETION_DELAY_DAYS) * _DAY)
-    return tuple(revisions), deleted
+    return number
+
+
+def _corrections(
+    rng: random.Random, record: Record, unit: _Unit, number: float, since: int
+) -> Revisions:
+    revisions = []
+    for revision in range(2, 4 if rng.random() < THIRD_REVISION_SHARE else 3):
+        since += int(_between(rng, CORRECTION_DELAY_DAYS) * _DAY)
+        number = _round(number * (1 + rng.choice((-1, 1)) * _between(rng, (0.05, 0.25))))
+        correction = {"value": number, "value_text": None, "status": _status(number, unit)}
+        record = record | correction | {"updated_at": _utc(since), "revision": revision}
+        revisions.append((since, record))
+    return tuple(revisions)
 
 
 class _Timeline:
@@ -319,8 +333,9 @@ class SyntheticResults:
     def __init__(
         self, seed: int, epoch: datetime, results_per_user: int = 40, cache_size: int = 4096
     ) -> None:
+        _timestamp(epoch)  # must be timezone-aware
         day = epoch.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-        self._seed, self._day0 = seed, int(_timestamp(day))
+        self._seed, self._day0 = seed, int(day.timestamp())
         self._per_user, self._cache_size = results_per_user, cache_size
         self._cache: OrderedDict[str, _Timeline] = OrderedDict()
         self._lock = threading.Lock()
@@ -389,7 +404,8 @@ class SyntheticResults:
         parsed, base, changes = timeline.parsed, timeline.base, timeline.changes
         if parsed and panel.parsed_ts <= parsed[-1]:
             panel = panel._replace(parsed_ts=parsed[-1] + 1, parsed_at=_utc(parsed[-1] + 1))
-        lab, collected_at, parsed_ts, parsed_at = panel[1:5]
+        lab, parsed_ts = panel.lab, panel.parsed_ts
+        collected_at, parsed_at = panel.collected_at, panel.parsed_at
         timeline.next_n += panel.size
         ids = sorted(
             "res_" + hashlib.sha256(f"{key}{n}".encode()).hexdigest()[:16]
@@ -397,8 +413,8 @@ class SyntheticResults:
         )
         start = int(random_() * len(self._known))  # a run of this user's usual tests
         for rid, usual in zip(ids, timeline.markers[start : start + panel.size], strict=True):
-            rare = random_() < _RARE_GATE
-            unknown = rare and random_() < UNKNOWN_MARKER_RATE / _RARE_GATE
+            kind = random_()  # below _MESSY_RATE: one kind of mess (the first is the marker)
+            unknown = kind < UNKNOWN_MARKER_RATE
             marker = self._unknown[int(random_() * len(self._unknown))] if unknown else usual
             unit, template = marker.by_lab[lab]
             record = template.copy()
@@ -407,10 +423,17 @@ class SyntheticResults:
             record["collected_at"], record["parsed_at"] = collected_at, parsed_at
             if random_() < LOINC_RATE:
                 record["loinc"] = marker.loinc
-            if rare:
-                revisions, deleted = _rare(timeline.rng, record, marker, unit, parsed_ts)
-                if revisions or deleted != math.inf:
-                    changes.append((len(base), revisions, deleted))
+            number = record["value"]
+            if kind < _MESSY_RATE:
+                number = _mess_up(timeline.rng, record, marker, unit, kind)
+            revisions: Revisions = ()
+            if random_() < CORRECTION_RATE:
+                revisions = _corrections(timeline.rng, record, unit, number, parsed_ts)
+            if random_() < DELETION_RATE:
+                deleted = parsed_ts + int(_between(timeline.rng, DELETION_DELAY_DAYS) * _DAY)
+                changes.append((len(base), revisions, deleted))
+            elif revisions:
+                changes.append((len(base), revisions, math.inf))
             base.append(record)
             parsed.append(parsed_ts)
 
