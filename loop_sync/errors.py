@@ -1,7 +1,13 @@
-"""Errors a loop-sync user must act on. Each message says what to do.
+"""Errors a loop-sync user must act on. Each message says what to do, and none carries a
+token, code, verifier or secret.
 
-LoopSyncError
-└── ConfigError      a setting is missing, malformed or points nowhere: fix it and re-run
+    LoopSyncError
+    ├── ConfigError          a setting is missing, malformed or points nowhere: fix it, re-run
+    ├── ReauthRequired       the user's grant is dead: they must connect their account again
+    ├── ProviderError        Loop answered with an OAuth or API error
+    │   ├── InvalidGrant     the code or refresh token was refused (invalid_grant)
+    │   └── TransientError   Loop failed or was unreachable; retrying later may work
+    └── RefreshOutcomeUnknown  a refresh was sent but its answer was lost
 """
 
 from __future__ import annotations
@@ -13,3 +19,37 @@ class LoopSyncError(Exception):
 
 class ConfigError(LoopSyncError):
     """The configuration cannot work. The message names the variable and the fix."""
+
+
+class ReauthRequired(LoopSyncError):
+    """The user's grant no longer works; only a new consent brings them back."""
+
+    def __init__(self, user_id: str, reason: str) -> None:
+        super().__init__(
+            f"user {user_id} must connect their Loop account again ({reason}): "
+            "send them to the onboarding page (`loop-sync web`)"
+        )
+        self.user_id = user_id
+        self.reason = reason
+
+
+class ProviderError(LoopSyncError):
+    """An error answer from Loop: `error` is its code, e.g. invalid_request."""
+
+    def __init__(self, error: str, description: str, status: int | None = None) -> None:
+        super().__init__(f"Loop answered {error}" + (f": {description}" if description else ""))
+        self.error = error
+        self.description = description
+        self.status = status
+
+
+class InvalidGrant(ProviderError):
+    """The code or refresh token was refused: expired, used, revoked or replayed."""
+
+
+class TransientError(ProviderError):
+    """Loop failed (5xx, 429) or could not be reached; the request surely had no effect."""
+
+
+class RefreshOutcomeUnknown(LoopSyncError):
+    """A refresh reached Loop but its answer was lost: Loop may have rotated the token."""

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -11,7 +14,10 @@ from cryptography.fernet import Fernet
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
+from loop_sync.config import Settings, load_settings
 from loop_sync.sandbox import Knobs, Sandbox, SandboxConfig, SandboxHost
+from loop_sync.schema import upgrade
+from loop_sync.services import Services
 
 PG_URL = os.environ.get(
     "LOOP_SYNC_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -69,3 +75,53 @@ def pg_url() -> str:
             pytest.fail(f"{reason} (CI=true requires it; run scripts/ensure-postgres)")
         pytest.skip(reason)
     return PG_URL
+
+
+@pytest.fixture
+def pg_schema_url(pg_url: str) -> Iterator[str]:
+    """A PostgreSQL URL whose search_path is a fresh schema, dropped afterwards."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(pg_url)
+    with admin.begin() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield f"{pg_url}?options={quote(f'-csearch_path={schema}')}"
+    finally:
+        with admin.begin() as connection:
+            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each storage test runs on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'loop_sync.db'}"
+    url: str = request.getfixturevalue("pg_schema_url")
+    return url
+
+
+@pytest.fixture
+def settings(sandbox: Sandbox, database_url: str, fernet_key: str) -> Settings:
+    """loop-sync configured against the live sandbox, as an operator would configure it."""
+    client = sandbox.config.client
+    return load_settings(
+        client_id=client.client_id,
+        client_secret=client.client_secret,
+        redirect_uri=client.redirect_uri,
+        issuer=sandbox.issuer,
+        api_base_url=sandbox.issuer,
+        database_url=database_url,
+        encryption_keys=fernet_key,
+    )
+
+
+@pytest.fixture
+def services(settings: Settings) -> Iterator[Services]:
+    """The real objects an entry point builds, on a freshly upgraded database."""
+    built = Services.build(settings)
+    upgrade(built.engine)
+    try:
+        yield built
+    finally:
+        built.close()

@@ -1,0 +1,336 @@
+"""The token vault: encrypted tokens, and refreshes that never lose a user.
+
+Loop rotates refresh tokens and revokes the whole grant when an old one is replayed, so:
+
+1. One refresher per user across processes and machines: a lease on the user's `tokens`
+   row, taken by compare-and-swap (`UPDATE … WHERE lease is free`), the same on SQLite and
+   PostgreSQL. The refresh HTTP timeout is shorter than the lease, so a lease cannot expire
+   under a live refresh. Under the lease the row is read again: another process may have
+   refreshed already.
+2. Persist before use: the rotated pair is committed the moment it arrives.
+3. Never blindly resend: `refresh_started_at` is committed before the POST and cleared
+   once its outcome is stored. If a process dies or the answer is lost in between, the
+   outcome is unknown; the next attempt tells, and an `invalid_grant` then becomes
+   `reauth_required` with the reason "rotation outcome lost".
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, Row, delete, or_, select, update
+
+from loop_sync import grants as grant_store
+from loop_sync.crypto import TokenCipher
+from loop_sync.errors import (
+    InvalidGrant,
+    ReauthRequired,
+    RefreshOutcomeUnknown,
+    TransientError,
+)
+from loop_sync.oidc import HTTP_TIMEOUT_S, OidcClient, TokenResponse
+from loop_sync.schema import (
+    GRANT_ACTIVE,
+    GRANT_REAUTH_REQUIRED,
+    GRANT_REVOKED,
+    grants,
+    metadata,
+    oauth_sessions,
+    tokens,
+)
+
+LEASE_S = 3 * HTTP_TIMEOUT_S  # outlives any refresh request
+REFRESH_EARLY_S = 300  # refresh a few minutes before expiry ...
+REFRESH_EARLY_SHARE = 0.1  # ... or a tenth of the token's life, whichever is shorter
+LOST_ROTATION = "rotation outcome lost: a refresh reached Loop but its answer never arrived"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class RotationReport:
+    refreshed: list[str] = field(default_factory=list)
+    reauth_required: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # user -> error, no secrets
+
+
+class TokenVault:
+    def __init__(
+        self,
+        engine: Engine,
+        cipher: TokenCipher,
+        oidc: OidcClient,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        lease_s: float = LEASE_S,
+    ) -> None:
+        self.engine = engine
+        self.cipher = cipher
+        self.oidc = oidc
+        self.clock = clock
+        self.lease_s = lease_s
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+    # --- consent ---------------------------------------------------------------------
+
+    def store_consent(self, user_id: str, response: TokenResponse, scopes: tuple[str, ...]) -> None:
+        """Record a (new) consent and its tokens in one transaction."""
+        now = self.clock()
+        with self.engine.begin() as connection:
+            grant_store.record_consent(connection, user_id, scopes, now)
+            values = self._token_values(response, now, keep_refresh=None)
+            updated = connection.execute(
+                update(tokens)
+                .where(tokens.c.user_id == user_id)
+                .values(**values, generation=tokens.c.generation + 1)
+            ).rowcount
+            if not updated:
+                connection.execute(tokens.insert().values(user_id=user_id, generation=1, **values))
+
+    def _token_values(
+        self, response: TokenResponse, now: datetime, keep_refresh: str | None
+    ) -> dict[str, Any]:
+        refresh = response.refresh_token
+        return {
+            "refresh_token": self.cipher.encrypt(refresh.get_secret_value())
+            if refresh
+            else keep_refresh,
+            "access_token": self.cipher.encrypt(response.access_token.get_secret_value()),
+            "access_expires_at": now + timedelta(seconds=response.expires_in),
+            "access_lifetime_s": response.expires_in,
+            "last_refresh_at": now,
+            "refresh_started_at": None,
+            "lease_owner": None,
+            "lease_expires_at": None,
+        }
+
+    # --- access tokens ---------------------------------------------------------------
+
+    def access_token(self, user_id: str, *, rejected: str | None = None) -> str:
+        """A valid access token for the user, refreshed only when needed.
+
+        `rejected` is a token the API just answered 401 invalid_token to: it is replaced
+        even if it looks fresh, unless another process already replaced it.
+        """
+        row = self._read(user_id)
+        usable = self._usable(row, rejected)
+        if usable is not None:
+            return usable
+        deadline = time.monotonic() + self.lease_s + HTTP_TIMEOUT_S
+        pause = 0.02
+        while not self._acquire(user_id):
+            if time.monotonic() > deadline:
+                msg = f"another process held the refresh lease of user {user_id} too long"
+                raise TransientError("lease_busy", msg)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.5)
+            usable = self._usable(self._read(user_id), rejected)
+            if usable is not None:
+                return usable
+        try:
+            row = self._read(user_id)  # re-read under the lease
+            usable = self._usable(row, rejected)
+            if usable is not None:
+                return usable
+            return self._refresh_leased(user_id, row)
+        finally:
+            self._release(user_id)
+
+    def _read(self, user_id: str) -> Row[Any]:
+        query = (
+            select(grants.c.status, grants.c.status_reason, tokens)
+            .select_from(grants.join(tokens, tokens.c.user_id == grants.c.user_id))
+            .where(grants.c.user_id == user_id)
+        )
+        with self.engine.connect() as connection:
+            row = connection.execute(query).one_or_none()
+        if row is None:
+            raise ReauthRequired(user_id, "no consent on record")
+        if row.status != GRANT_ACTIVE:
+            raise ReauthRequired(user_id, row.status_reason or row.status)
+        return row
+
+    def _usable(self, row: Row[Any], rejected: str | None) -> str | None:
+        """The stored access token if it is fresh and not the one just rejected."""
+        if row.access_token is None or row.access_expires_at is None:
+            return None
+        lifetime = row.access_lifetime_s or 0
+        early = min(REFRESH_EARLY_S, lifetime * REFRESH_EARLY_SHARE)
+        if row.access_expires_at - timedelta(seconds=early) <= self.clock():
+            return None
+        token = self.cipher.decrypt(row.access_token)
+        return None if token == rejected else token
+
+    def _acquire(self, user_id: str) -> bool:
+        now = self.clock()
+        with self.engine.begin() as connection:
+            taken = connection.execute(
+                update(tokens)
+                .where(
+                    tokens.c.user_id == user_id,
+                    or_(
+                        tokens.c.lease_owner.is_(None),
+                        tokens.c.lease_owner == self.owner,
+                        tokens.c.lease_expires_at < now,
+                    ),
+                )
+                .values(
+                    lease_owner=self.owner, lease_expires_at=now + timedelta(seconds=self.lease_s)
+                )
+            ).rowcount
+        return bool(taken)
+
+    def _release(self, user_id: str) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(
+                update(tokens)
+                .where(tokens.c.user_id == user_id, tokens.c.lease_owner == self.owner)
+                .values(lease_owner=None, lease_expires_at=None)
+            )
+
+    def _refresh_leased(self, user_id: str, row: Row[Any]) -> str:
+        if row.refresh_token is None:
+            self._mark_reauth(user_id, "Loop issued no refresh token")
+        outcome_was_unknown = row.refresh_started_at is not None
+        self._set_started(user_id, self.clock())
+        try:
+            response = self.oidc.refresh(self.cipher.decrypt(row.refresh_token))
+        except InvalidGrant as exc:
+            reason = (
+                LOST_ROTATION
+                if outcome_was_unknown
+                else f"Loop refused the refresh token ({exc.description or exc.error})"
+            )
+            self._mark_reauth(user_id, reason)
+        except RefreshOutcomeUnknown:
+            raise  # refresh_started_at stays set: the next attempt tells
+        except Exception:
+            # Surely not sent, or refused before rotating: the old token stays good.
+            self._set_started(user_id, row.refresh_started_at)
+            raise
+        now = self.clock()
+        with self.engine.begin() as connection:
+            connection.execute(
+                update(tokens)
+                .where(tokens.c.user_id == user_id)
+                .values(
+                    **self._token_values(response, now, keep_refresh=row.refresh_token),
+                    generation=tokens.c.generation + 1,
+                )
+            )
+        return response.access_token.get_secret_value()
+
+    def _set_started(self, user_id: str, started: datetime | None) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(
+                update(tokens).where(tokens.c.user_id == user_id).values(refresh_started_at=started)
+            )
+
+    def _mark_reauth(self, user_id: str, reason: str) -> None:
+        with self.engine.begin() as connection:
+            grant_store.set_status(connection, user_id, GRANT_REAUTH_REQUIRED, reason, self.clock())
+            connection.execute(
+                update(tokens).where(tokens.c.user_id == user_id).values(refresh_started_at=None)
+            )
+        raise ReauthRequired(user_id, reason)
+
+    # --- operations ------------------------------------------------------------------
+
+    def rotate(
+        self, user_ids: Iterable[str] | None = None, idle_days: float | None = None
+    ) -> RotationReport:
+        """Keep-alive: refresh active grants (all, the given ones, or those idle that long).
+
+        Each refresh slides Loop's 90-day refresh-token window; one user's failure never
+        stops the others.
+        """
+        query = (
+            select(grants.c.user_id)
+            .select_from(grants.join(tokens, tokens.c.user_id == grants.c.user_id))
+            .where(grants.c.status == GRANT_ACTIVE)
+        )
+        if user_ids is not None:
+            query = query.where(grants.c.user_id.in_(list(user_ids)))
+        if idle_days is not None:
+            cutoff = self.clock() - timedelta(days=idle_days)
+            query = query.where(
+                or_(tokens.c.last_refresh_at.is_(None), tokens.c.last_refresh_at < cutoff)
+            )
+        with self.engine.connect() as connection:
+            selected = list(connection.execute(query.order_by(grants.c.user_id)).scalars())
+        report = RotationReport()
+        for user_id in selected:
+            try:
+                current = self._read(user_id)
+                self.access_token(user_id, rejected=self._usable(current, None))
+                report.refreshed.append(user_id)
+            except ReauthRequired as exc:
+                report.reauth_required.append(user_id)
+                report.failed[user_id] = exc.reason
+            except (TransientError, RefreshOutcomeUnknown) as exc:
+                report.failed[user_id] = str(exc)
+        return report
+
+    def disconnect(self, user_id: str, *, purge: bool = False) -> None:
+        """Revoke at Loop, then mark the grant revoked; `purge` also deletes the user's data."""
+        with self.engine.connect() as connection:
+            stored = connection.execute(
+                select(tokens.c.refresh_token).where(tokens.c.user_id == user_id)
+            ).scalar_one_or_none()
+            if grant_store.get_grant(connection, user_id) is None:
+                raise ReauthRequired(user_id, "no consent on record")
+        if stored is not None:
+            self.oidc.revoke(self.cipher.decrypt(stored))
+        with self.engine.begin() as connection:
+            grant_store.set_status(
+                connection, user_id, GRANT_REVOKED, "disconnected by an operator", self.clock()
+            )
+            connection.execute(delete(tokens).where(tokens.c.user_id == user_id))
+            if purge:
+                for table in reversed(metadata.sorted_tables):
+                    if "user_id" in table.c and table.name not in (
+                        "grants",
+                        "grant_events",
+                        "tokens",
+                    ):
+                        connection.execute(delete(table).where(table.c.user_id == user_id))
+
+    def rotate_keys(self) -> int:
+        """Re-encrypt every stored secret under the first key; returns the rows touched."""
+        touched = 0
+        with self.engine.begin() as connection:
+            for row in connection.execute(
+                select(tokens.c.user_id, tokens.c.refresh_token, tokens.c.access_token)
+            ).all():
+                connection.execute(
+                    update(tokens)
+                    .where(tokens.c.user_id == row.user_id)
+                    .values(
+                        refresh_token=self.cipher.rotate(row.refresh_token)
+                        if row.refresh_token
+                        else None,
+                        access_token=self.cipher.rotate(row.access_token)
+                        if row.access_token
+                        else None,
+                    )
+                )
+                touched += 1
+            for session in connection.execute(
+                select(oauth_sessions.c.state_hash, oauth_sessions.c.code_verifier)
+            ).all():
+                connection.execute(
+                    update(oauth_sessions)
+                    .where(oauth_sessions.c.state_hash == session.state_hash)
+                    .values(code_verifier=self.cipher.rotate(session.code_verifier))
+                )
+                touched += 1
+        return touched
