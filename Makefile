@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml requirements.lock
 # Start what the test suites need when it is installed but not running (CI starts clean).
 services:
 	@scripts/ensure-postgres
+	@scripts/ensure-chromium
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

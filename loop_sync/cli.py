@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from cryptography.fernet import Fernet
@@ -12,6 +14,9 @@ from rich.console import Console
 from rich.table import Table
 
 from loop_sync.errors import LoopSyncError
+
+if TYPE_CHECKING:
+    from loop_sync.services import Services
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -21,7 +26,28 @@ app = typer.Typer(
 )
 keys_app = typer.Typer(no_args_is_help=True, help="Encryption keys for tokens at rest.")
 app.add_typer(keys_app, name="keys")
+db_app = typer.Typer(no_args_is_help=True, help="The database schema.")
+app.add_typer(db_app, name="db")
 console = Console(soft_wrap=True)
+
+
+@contextmanager
+def _services(*, schema_required: bool = True) -> Iterator[Services]:
+    """Settings read once, the database checked, everything wired; closed afterwards."""
+    from loop_sync.config import load_settings
+    from loop_sync.db import check_database
+    from loop_sync.schema import require_schema
+    from loop_sync.services import Services
+
+    settings = load_settings()
+    services = Services.build(settings)
+    try:
+        check_database(services.engine, settings)
+        if schema_required:
+            require_schema(services.engine)
+        yield services
+    finally:
+        services.close()
 
 
 def main() -> None:
@@ -110,3 +136,115 @@ def keys_generate() -> None:
     Example: export LOOP_SYNC_ENCRYPTION_KEYS=$(loop-sync keys generate)
     """
     typer.echo(Fernet.generate_key().decode())
+
+
+@keys_app.command("rotate")
+def keys_rotate() -> None:
+    """Re-encrypt every stored token under the first key of LOOP_SYNC_ENCRYPTION_KEYS.
+
+    Example: LOOP_SYNC_ENCRYPTION_KEYS=$NEW,$OLD loop-sync keys rotate
+    """
+    with _services() as services:
+        touched = services.vault.rotate_keys()
+    console.print(f"re-encrypted {touched} rows; the keys after the first can now be removed")
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Create the tables loop-sync needs. Running it again changes nothing.
+
+    Example: LOOP_SYNC_DATABASE_URL=sqlite:///loop_sync.db loop-sync db upgrade
+    """
+    from loop_sync.schema import upgrade
+
+    with _services(schema_required=False) as services:
+        upgrade(services.engine)
+        console.print(f"schema up to date in {services.settings.database_url_display}")
+
+
+@app.command()
+def web(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+) -> None:
+    """Serve the consent web app where people connect their Loop account.
+
+    Example: loop-sync web --host 127.0.0.1 --port 8000
+    """
+    import httpx
+
+    from loop_sync.web.app import serve_web
+
+    with _services() as services:
+        callback = httpx.URL(services.settings.redirect_uri)
+        home = f"{callback.scheme}://{callback.netloc.decode()}/"
+
+        def announce(url: str) -> None:
+            console.print(f"onboarding app listening on {url}; people open {home}")
+
+        serve_web(services, host, port, announce)
+
+
+@app.command()
+def users() -> None:
+    """List the connected users: grant status, scopes, consent and last refresh.
+
+    Example: loop-sync users
+    """
+    from loop_sync.grants import list_grants
+
+    with _services() as services, services.engine.connect() as connection:
+        grants = list_grants(connection)
+    table = Table("user", "status", "scopes", "consented", "last refresh", "reason")
+    for grant in grants:
+        table.add_row(
+            grant.user_id,
+            grant.status,
+            " ".join(grant.scopes),
+            f"{grant.consented_at:%Y-%m-%d %H:%M}Z",
+            f"{grant.last_refresh_at:%Y-%m-%d %H:%M}Z" if grant.last_refresh_at else "never",
+            grant.status_reason or "",
+        )
+    console.print(table)
+    console.print(f"{len(grants)} users")
+
+
+@app.command()
+def rotate(
+    user: Annotated[
+        list[str] | None, typer.Option("--user", help="Only this user (repeatable).")
+    ] = None,
+    idle_days: Annotated[
+        float | None, typer.Option(help="Only grants not refreshed for this many days.")
+    ] = None,
+) -> None:
+    """Keep grants alive: refresh their tokens, sliding Loop's 90-day window.
+
+    Exits 1 if any user failed or needs to connect again; the others are still refreshed.
+
+    Example: loop-sync rotate --idle-days 30
+    """
+    with _services() as services:
+        report = services.vault.rotate(user, idle_days)
+    console.print(
+        f"refreshed {len(report.refreshed)}, reauth_required {len(report.reauth_required)}, "
+        f"failed {len(report.failed) - len(report.reauth_required)}"
+    )
+    for user_id, reason in report.failed.items():
+        console.print(f"  {user_id}: {reason}")
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def disconnect(
+    user: Annotated[str, typer.Option("--user", help="The Loop user id to disconnect.")],
+    purge: Annotated[bool, typer.Option(help="Also delete the user's data.")] = False,
+) -> None:
+    """Revoke a user's grant at Loop and mark it revoked here.
+
+    Example: loop-sync disconnect --user usr_0042 --purge
+    """
+    with _services() as services:
+        services.vault.disconnect(user, purge=purge)
+    console.print(f"{user} disconnected" + (" and purged" if purge else ""))

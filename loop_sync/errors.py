@@ -6,7 +6,8 @@ token, code, verifier or secret.
     ├── ReauthRequired       the user's grant is dead: they must connect their account again
     ├── ProviderError        Loop answered with an OAuth or API error
     │   ├── InvalidGrant     the code or refresh token was refused (invalid_grant)
-    │   └── TransientError   Loop failed or was unreachable; retrying later may work
+    │   └── TransientError   Loop failed (5xx, 429); retrying later may work
+    │       └── LoopUnreachable  no connection to Loop at all: check the URL and the network
     └── RefreshOutcomeUnknown  a refresh was sent but its answer was lost
 """
 
@@ -49,6 +50,20 @@ class InvalidGrant(ProviderError):
 
 class TransientError(ProviderError):
     """Loop failed (5xx, 429) or could not be reached; the request surely had no effect."""
+
+
+class LoopUnreachable(TransientError):
+    """No connection could be made, so the request surely had no effect."""
+
+    def __init__(self, url: str, cause: str) -> None:
+        LoopSyncError.__init__(
+            self,
+            f"cannot reach Loop at {url} ({cause}); check LOOP_ISSUER / LOOP_API_BASE_URL "
+            "and the network",
+        )
+        self.error = "unreachable"
+        self.description = cause
+        self.status = None
 
 
 class RefreshOutcomeUnknown(LoopSyncError):

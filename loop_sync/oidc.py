@@ -14,7 +14,7 @@ import secrets
 import warnings
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import httpx
 from joserfc import jwt
@@ -28,6 +28,7 @@ from loop_sync.config import Settings
 from loop_sync.errors import (
     ConfigError,
     InvalidGrant,
+    LoopUnreachable,
     ProviderError,
     RefreshOutcomeUnknown,
     TransientError,
@@ -47,6 +48,9 @@ ID_TOKEN_ALGORITHMS = (
     "ES512",
 )
 CLOCK_SKEW_S = 60
+# RFC 8414 section 2: a provider that does not list its client authentication methods
+# supports client_secret_basic only.
+DEFAULT_AUTH_METHODS = ["client_secret_basic"]
 HTTP_TIMEOUT_S = 10.0
 # Errors that mean our configuration is wrong, not the user's grant.
 CONFIG_ERRORS = {
@@ -68,6 +72,8 @@ class ProviderMetadata(BaseModel):
     revocation_endpoint: str | None = None
     introspection_endpoint: str | None = None
     id_token_signing_alg_values_supported: list[str] = []
+    token_endpoint_auth_methods_supported: list[str] = DEFAULT_AUTH_METHODS
+    revocation_endpoint_auth_methods_supported: list[str] = DEFAULT_AUTH_METHODS
 
 
 class TokenResponse(BaseModel):
@@ -143,8 +149,7 @@ class OidcClient:
         try:
             response = self._http.get(url)
         except httpx.TransportError as exc:
-            msg = f"cannot reach {what} at {url} ({type(exc).__name__}); check LOOP_ISSUER"
-            raise ConfigError(msg) from None
+            raise LoopUnreachable(url, type(exc).__name__) from None
         if response.status_code >= 500:
             raise TransientError("server_error", f"{what} answered {response.status_code}")
         try:
@@ -202,13 +207,37 @@ class OidcClient:
         endpoint = self.metadata().revocation_endpoint
         if endpoint is None:
             return
-        form = {"token": token, "token_type_hint": token_type_hint, **self._client_auth()}
+        methods = self.metadata().revocation_endpoint_auth_methods_supported
+        fields, auth = self._client_auth(methods)
+        form = {"token": token, "token_type_hint": token_type_hint, **fields}
         try:
-            response = self._http.post(endpoint, data=form)
+            response = self._http.post(endpoint, data=form, auth=auth or httpx.USE_CLIENT_DEFAULT)
         except httpx.TransportError as exc:
-            raise TransientError("unreachable", type(exc).__name__) from None
+            raise LoopUnreachable(endpoint, type(exc).__name__) from None
         if response.status_code != 200:
             raise _error_from(response)
+
+    def still_active(self, token: str) -> bool | None:
+        """RFC 7662 introspection of a token: None when the provider offers none.
+
+        Asking costs nothing at Loop, unlike presenting a possibly rotated refresh token,
+        which Loop treats as a leak (revoke the grant, alert the user).
+        """
+        endpoint = self.metadata().introspection_endpoint
+        if endpoint is None:
+            return None
+        fields, auth = self._client_auth(self.metadata().token_endpoint_auth_methods_supported)
+        form = {"token": token, "token_type_hint": "refresh_token", **fields}
+        try:
+            response = self._http.post(endpoint, data=form, auth=auth or httpx.USE_CLIENT_DEFAULT)
+        except httpx.TransportError as exc:
+            raise LoopUnreachable(endpoint, type(exc).__name__) from None
+        if response.status_code != 200:
+            raise _error_from(response)
+        try:
+            return bool(response.json()["active"])
+        except (ValueError, KeyError, TypeError):
+            raise TransientError("invalid_response", "unreadable introspection") from None
 
     def verify_id_token(self, id_token: str, nonce: str) -> dict[str, Any]:
         """Claims of a valid id_token: signature via JWKS, iss, aud, exp, nonce checked."""
@@ -237,24 +266,32 @@ class OidcClient:
 
     # --- the token endpoint ----------------------------------------------------------
 
-    def _client_auth(self) -> dict[str, str]:
-        return {
-            "client_id": self.settings.client_id,
-            "client_secret": self.settings.client_secret.get_secret_value(),
-        }
+    def _client_auth(self, methods: list[str]) -> tuple[dict[str, str], httpx.BasicAuth | None]:
+        """Form fields and HTTP auth for the client: client_secret_post as Loop documents,
+        or client_secret_basic when that is all the provider supports (RFC 6749 2.3.1)."""
+        client_id = self.settings.client_id
+        secret = self.settings.client_secret.get_secret_value()
+        if contract.CLIENT_AUTH_METHOD in methods or "client_secret_basic" not in methods:
+            return {"client_id": client_id, "client_secret": secret}, None
+        return {}, httpx.BasicAuth(quote(client_id, safe=""), quote(secret, safe=""))
 
     def _token_request(self, form: dict[str, str], *, outcome_matters: bool) -> TokenResponse:
-        endpoint = self.metadata().token_endpoint
+        metadata = self.metadata()
+        fields, auth = self._client_auth(metadata.token_endpoint_auth_methods_supported)
         try:
-            response = self._http.post(endpoint, data={**form, **self._client_auth()})
+            response = self._http.post(
+                metadata.token_endpoint,
+                data={**form, **fields},
+                auth=auth or httpx.USE_CLIENT_DEFAULT,
+            )
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            raise TransientError("unreachable", type(exc).__name__) from None
+            raise LoopUnreachable(metadata.token_endpoint, type(exc).__name__) from None
         except httpx.TransportError as exc:
             if outcome_matters:
                 raise RefreshOutcomeUnknown(
                     f"the token endpoint's answer was lost ({type(exc).__name__})"
                 ) from None
-            raise TransientError("unreachable", type(exc).__name__) from None
+            raise LoopUnreachable(metadata.token_endpoint, type(exc).__name__) from None
         if response.status_code != 200:
             raise _error_from(response)
         try:

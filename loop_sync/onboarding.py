@@ -37,11 +37,12 @@ class OnboardingError(LoopSyncError):
         self.status = status
 
 
-EXPIRED = OnboardingError(
-    "This sign-in link is no longer valid",
-    "It is unknown, already used, older than 10 minutes, or was started in another browser. "
-    "Start again.",
-)
+def expired() -> OnboardingError:
+    return OnboardingError(
+        "This sign-in link is no longer valid",
+        "It is unknown, already used, older than 10 minutes, or was started in another "
+        "browser. Start again.",
+    )
 
 
 def _digest(value: str) -> str:
@@ -91,7 +92,7 @@ class Onboarding:
         """
         state = params.get("state", "")
         if not state or not binding:
-            raise EXPIRED
+            raise expired()
         verifier, nonce = self._consume(state, binding)
         error = params.get("error")
         if error == "access_denied":
@@ -112,7 +113,7 @@ class Onboarding:
                 raise ProviderError("invalid_response", "no id_token: is openid in LOOP_SCOPES?")
             claims = self.oidc.verify_id_token(response.id_token.get_secret_value(), nonce)
         except InvalidGrant:
-            raise EXPIRED from None
+            raise expired() from None
         except ConfigError as exc:
             log.error("onboarding stopped by configuration: %s", exc)
             raise OnboardingError(
@@ -147,7 +148,7 @@ class Onboarding:
                 .values(used_at=now)
             ).rowcount
             if not taken:
-                raise EXPIRED
+                raise expired()
             row = connection.execute(
                 select(oauth_sessions.c.code_verifier, oauth_sessions.c.nonce).where(this_session)
             ).one()

@@ -20,9 +20,12 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    inspect,
 )
 from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.types import TypeDecorator
+
+from loop_sync.errors import ConfigError
 
 metadata = MetaData()
 
@@ -124,3 +127,14 @@ oauth_sessions = Table(
 def upgrade(engine: Engine) -> None:
     """Create what is missing; running it again changes nothing."""
     metadata.create_all(engine)
+
+
+def require_schema(engine: Engine) -> None:
+    """Stop with the fix when the database has not been set up (or is behind)."""
+    missing = set(metadata.tables) - set(inspect(engine).get_table_names())
+    if missing:
+        msg = (
+            f"the database lacks loop-sync tables ({', '.join(sorted(missing))}); "
+            "run `loop-sync db upgrade`"
+        )
+        raise ConfigError(msg)

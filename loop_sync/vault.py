@@ -78,7 +78,8 @@ class TokenVault:
         self.oidc = oidc
         self.clock = clock
         self.lease_s = lease_s
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # Fits lease_owner (64) with the per-call suffix added in access_token.
+        self.owner = f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     # --- consent ---------------------------------------------------------------------
 
@@ -125,9 +126,12 @@ class TokenVault:
         usable = self._usable(row, rejected)
         if usable is not None:
             return usable
+        # One lease holder per call, not per vault: threads sharing this vault (a web app,
+        # a flow's pool) must exclude each other as much as processes do.
+        owner = f"{self.owner}:{uuid.uuid4().hex[:8]}"
         deadline = time.monotonic() + self.lease_s + HTTP_TIMEOUT_S
         pause = 0.02
-        while not self._acquire(user_id):
+        while not self._acquire(user_id, owner):
             if time.monotonic() > deadline:
                 msg = f"another process held the refresh lease of user {user_id} too long"
                 raise TransientError("lease_busy", msg)
@@ -143,7 +147,7 @@ class TokenVault:
                 return usable
             return self._refresh_leased(user_id, row)
         finally:
-            self._release(user_id)
+            self._release(user_id, owner)
 
     def _read(self, user_id: str) -> Row[Any]:
         query = (
@@ -170,7 +174,7 @@ class TokenVault:
         token = self.cipher.decrypt(row.access_token)
         return None if token == rejected else token
 
-    def _acquire(self, user_id: str) -> bool:
+    def _acquire(self, user_id: str, owner: str) -> bool:
         now = self.clock()
         with self.engine.begin() as connection:
             taken = connection.execute(
@@ -179,31 +183,34 @@ class TokenVault:
                     tokens.c.user_id == user_id,
                     or_(
                         tokens.c.lease_owner.is_(None),
-                        tokens.c.lease_owner == self.owner,
+                        tokens.c.lease_owner == owner,
                         tokens.c.lease_expires_at < now,
                     ),
                 )
-                .values(
-                    lease_owner=self.owner, lease_expires_at=now + timedelta(seconds=self.lease_s)
-                )
+                .values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=self.lease_s))
             ).rowcount
         return bool(taken)
 
-    def _release(self, user_id: str) -> None:
+    def _release(self, user_id: str, owner: str) -> None:
         with self.engine.begin() as connection:
             connection.execute(
                 update(tokens)
-                .where(tokens.c.user_id == user_id, tokens.c.lease_owner == self.owner)
+                .where(tokens.c.user_id == user_id, tokens.c.lease_owner == owner)
                 .values(lease_owner=None, lease_expires_at=None)
             )
 
     def _refresh_leased(self, user_id: str, row: Row[Any]) -> str:
         if row.refresh_token is None:
             self._mark_reauth(user_id, "Loop issued no refresh token")
+        refresh_token = self.cipher.decrypt(row.refresh_token)
         outcome_was_unknown = row.refresh_started_at is not None
+        if outcome_was_unknown and self.oidc.still_active(refresh_token) is False:
+            # Loop rotated it and the answer is gone: say so without replaying the old
+            # token, which would revoke the grant at Loop and alert the user.
+            self._mark_reauth(user_id, LOST_ROTATION)
         self._set_started(user_id, self.clock())
         try:
-            response = self.oidc.refresh(self.cipher.decrypt(row.refresh_token))
+            response = self.oidc.refresh(refresh_token)
         except InvalidGrant as exc:
             reason = (
                 LOST_ROTATION

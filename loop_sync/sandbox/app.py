@@ -106,7 +106,7 @@ class Sandbox:
 
     def discovery(self) -> dict[str, Any]:
         base = self.issuer
-        return {
+        document = {
             "issuer": base,
             "authorization_endpoint": f"{base}/v1/oauth/authorize",
             "token_endpoint": f"{base}/v1/oauth/token",
@@ -127,6 +127,10 @@ class Sandbox:
             "id_token_signing_alg_values_supported": ["EdDSA"],
             "claims_supported": ["sub", "iss", "aud", "exp", "iat", "nonce", "name", "brand"],
         }
+        if not self.knobs.advertise_introspection:
+            del document["introspection_endpoint"]
+            del document["introspection_endpoint_auth_methods_supported"]
+        return document
 
     def _routes(self) -> list[Route]:
         return [

@@ -42,6 +42,7 @@ class Knobs(BaseModel):
     rotate_refresh_tokens: bool = True
     insufficient_scope_status: Literal[401, 403] = 403
     results_key: Literal["data", "results"] = "data"
+    advertise_introspection: bool = Field(True, description="list it in discovery")
     forbidden_users: set[str] = Field(default_factory=set)
 
     def update(self, changes: dict[str, object]) -> Knobs:

@@ -8,19 +8,14 @@ uvicorn takes ~0.2 s: a test suite keeps one host for the session and mounts a f
 from __future__ import annotations
 
 import logging
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 
-import uvicorn
 from starlette.types import Receive, Scope, Send
 
 from loop_sync.sandbox.app import Sandbox, SandboxConfig
-
-START_TIMEOUT_S = 10
+from loop_sync.serving import BackgroundServer
 
 
 class _LostResponseFilter(logging.Filter):
@@ -34,21 +29,10 @@ class SandboxHost:
     """A loopback HTTP server for whichever sandbox is mounted on it."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        # IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY on sockets whose proto is
-        # TCP, and without it Nagle holds each response body ~40 ms behind its headers.
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._socket = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind((host, port))
-        bound = self._socket.getsockname()[1]
-        self.url = f"http://[{host}]:{bound}" if ":" in host else f"http://{host}:{bound}"
+        self._server = BackgroundServer(self._app, host, port)
+        self.url = self._server.url
         self.sandbox: Sandbox | None = None
         logging.getLogger("uvicorn.error").addFilter(_LostResponseFilter())
-        config = uvicorn.Config(
-            self._app, interface="asgi3", log_level="warning", lifespan="off", access_log=False
-        )
-        self._server = uvicorn.Server(config)
-        self._thread: threading.Thread | None = None
 
     async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.sandbox is None:
@@ -62,17 +46,10 @@ class SandboxHost:
         return self.sandbox
 
     def run_forever(self) -> None:
-        self._server.run(sockets=[self._socket])
+        self._server.run_forever()
 
     def __enter__(self) -> SandboxHost:
-        self._thread = threading.Thread(target=self.run_forever, daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                msg = f"the sandbox server on {self.url} did not start"
-                raise RuntimeError(msg)
-            time.sleep(0.01)
+        self._server.__enter__()
         return self
 
     def __exit__(
@@ -81,10 +58,7 @@ class SandboxHost:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=START_TIMEOUT_S)
-        self._socket.close()
+        self._server.__exit__(exc_type, exc, traceback)
 
 
 @contextmanager
