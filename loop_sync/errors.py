@@ -7,7 +7,8 @@ token, code, verifier or secret.
     ├── ProviderError        Loop answered with an OAuth or API error
     │   ├── InvalidGrant     the code or refresh token was refused (invalid_grant)
     │   └── TransientError   Loop failed (5xx, 429); retrying later may work
-    │       └── LoopUnreachable  no connection to Loop at all: check the URL and the network
+    │       ├── LoopUnreachable  no connection to Loop at all: check the URL and the network
+    │       └── LeaseBusy        another process kept refreshing this user too long
     └── RefreshOutcomeUnknown  a refresh was sent but its answer was lost
 """
 
@@ -63,6 +64,18 @@ class LoopUnreachable(TransientError):
         )
         self.error = "unreachable"
         self.description = cause
+        self.status = None
+
+
+class LeaseBusy(TransientError):
+    """Another process held the user's refresh lease past its expiry; try again later."""
+
+    def __init__(self, user_id: str) -> None:
+        LoopSyncError.__init__(
+            self, f"another process held the refresh lease of user {user_id} too long"
+        )
+        self.error = "lease_busy"
+        self.description = user_id
         self.status = None
 
 

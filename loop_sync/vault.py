@@ -31,6 +31,7 @@ from loop_sync import grants as grant_store
 from loop_sync.crypto import TokenCipher
 from loop_sync.errors import (
     InvalidGrant,
+    LeaseBusy,
     ReauthRequired,
     RefreshOutcomeUnknown,
     TransientError,
@@ -133,8 +134,7 @@ class TokenVault:
         pause = 0.02
         while not self._acquire(user_id, owner):
             if time.monotonic() > deadline:
-                msg = f"another process held the refresh lease of user {user_id} too long"
-                raise TransientError("lease_busy", msg)
+                raise LeaseBusy(user_id)
             time.sleep(pause)
             pause = min(pause * 2, 0.5)
             usable = self._usable(self._read(user_id), rejected)
@@ -148,6 +148,10 @@ class TokenVault:
             return self._refresh_leased(user_id, row)
         finally:
             self._release(user_id, owner)
+
+    def refresh(self, user_id: str) -> str:
+        """Refresh now, even if the cached access token is still fresh (keep-alive)."""
+        return self.access_token(user_id, rejected=self._usable(self._read(user_id), None))
 
     def _read(self, user_id: str) -> Row[Any]:
         query = (
@@ -277,8 +281,7 @@ class TokenVault:
         report = RotationReport()
         for user_id in selected:
             try:
-                current = self._read(user_id)
-                self.access_token(user_id, rejected=self._usable(current, None))
+                self.refresh(user_id)
                 report.refreshed.append(user_id)
             except ReauthRequired as exc:
                 report.reauth_required.append(user_id)
