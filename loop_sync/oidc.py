@@ -208,14 +208,7 @@ class OidcClient:
         if endpoint is None:
             return
         methods = self.metadata().revocation_endpoint_auth_methods_supported
-        fields, auth = self._client_auth(methods)
-        form = {"token": token, "token_type_hint": token_type_hint, **fields}
-        try:
-            response = self._http.post(endpoint, data=form, auth=auth or httpx.USE_CLIENT_DEFAULT)
-        except httpx.TransportError as exc:
-            raise LoopUnreachable(endpoint, type(exc).__name__) from None
-        if response.status_code != 200:
-            raise _error_from(response)
+        self._client_post(endpoint, {"token": token, "token_type_hint": token_type_hint}, methods)
 
     def still_active(self, token: str) -> bool | None:
         """RFC 7662 introspection of a token: None when the provider offers none.
@@ -226,14 +219,9 @@ class OidcClient:
         endpoint = self.metadata().introspection_endpoint
         if endpoint is None:
             return None
-        fields, auth = self._client_auth(self.metadata().token_endpoint_auth_methods_supported)
-        form = {"token": token, "token_type_hint": "refresh_token", **fields}
-        try:
-            response = self._http.post(endpoint, data=form, auth=auth or httpx.USE_CLIENT_DEFAULT)
-        except httpx.TransportError as exc:
-            raise LoopUnreachable(endpoint, type(exc).__name__) from None
-        if response.status_code != 200:
-            raise _error_from(response)
+        methods = self.metadata().token_endpoint_auth_methods_supported
+        form = {"token": token, "token_type_hint": "refresh_token"}
+        response = self._client_post(endpoint, form, methods)
         try:
             return bool(response.json()["active"])
         except (ValueError, KeyError, TypeError):
@@ -274,6 +262,21 @@ class OidcClient:
         if contract.CLIENT_AUTH_METHOD in methods or "client_secret_basic" not in methods:
             return {"client_id": client_id, "client_secret": secret}, None
         return {}, httpx.BasicAuth(quote(client_id, safe=""), quote(secret, safe=""))
+
+    def _client_post(
+        self, endpoint: str, form: dict[str, str], methods: list[str]
+    ) -> httpx.Response:
+        """An authenticated POST whose effect is harmless to repeat (revoke, introspect)."""
+        fields, auth = self._client_auth(methods)
+        try:
+            response = self._http.post(
+                endpoint, data={**form, **fields}, auth=auth or httpx.USE_CLIENT_DEFAULT
+            )
+        except httpx.TransportError as exc:
+            raise LoopUnreachable(endpoint, type(exc).__name__) from None
+        if response.status_code != 200:
+            raise _error_from(response)
+        return response
 
     def _token_request(self, form: dict[str, str], *, outcome_matters: bool) -> TokenResponse:
         metadata = self.metadata()

@@ -14,10 +14,11 @@ from cryptography.fernet import Fernet
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
-from loop_sync.config import Settings, load_settings
+from loop_sync.config import Settings
 from loop_sync.sandbox import Knobs, Sandbox, SandboxConfig, SandboxHost
 from loop_sync.schema import upgrade
 from loop_sync.services import Services
+from tests.support import sandbox_settings
 
 PG_URL = os.environ.get(
     "LOOP_SYNC_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -104,16 +105,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture
 def settings(sandbox: Sandbox, database_url: str, fernet_key: str) -> Settings:
     """loop-sync configured against the live sandbox, as an operator would configure it."""
-    client = sandbox.config.client
-    return load_settings(
-        client_id=client.client_id,
-        client_secret=client.client_secret,
-        redirect_uri=client.redirect_uri,
-        issuer=sandbox.issuer,
-        api_base_url=sandbox.issuer,
-        database_url=database_url,
-        encryption_keys=fernet_key,
-    )
+    return sandbox_settings(sandbox, database_url, fernet_key)
 
 
 @pytest.fixture

@@ -20,11 +20,12 @@ from typing import Any
 
 import pytest
 
-from loop_sync.config import Settings, load_settings
+from loop_sync.config import Settings
 from loop_sync.sandbox import Sandbox
 from loop_sync.schema import upgrade
 from loop_sync.services import Services
 from loop_sync.vault import TokenVault
+from tests.support import sandbox_settings
 
 from .helpers import api_status, consent, set_tokens, stored_access_token, token_row
 
@@ -32,19 +33,6 @@ REPO = Path(__file__).resolve().parents[2]
 USER = "usr_0004"
 LATENCY_MS = 200
 READY_TIMEOUT_S = 30
-
-
-def _settings(sandbox: Sandbox, database_url: str, fernet_key: str) -> Settings:
-    client = sandbox.config.client
-    return load_settings(
-        client_id=client.client_id,
-        client_secret=client.client_secret,
-        redirect_uri=client.redirect_uri,
-        issuer=sandbox.issuer,
-        api_base_url=sandbox.issuer,
-        database_url=database_url,
-        encryption_keys=fernet_key,
-    )
 
 
 def _worker_env(settings: Settings) -> dict[str, str]:
@@ -133,7 +121,7 @@ def test_eight_processes_on_postgresql_refresh_an_expired_token_exactly_once(
     sandbox: Sandbox, pg_schema_url: str, fernet_key: str, tmp_path: Path
 ) -> None:
     """8 OS processes ask at once: one refresh reaches Loop, all 8 get the same token."""
-    settings = _settings(sandbox, pg_schema_url, fernet_key)
+    settings = sandbox_settings(sandbox, pg_schema_url, fernet_key)
     services = Services.build(settings)
     try:
         upgrade(services.engine)
@@ -153,7 +141,7 @@ def test_two_processes_on_sqlite_refresh_an_expired_token_exactly_once(
     sandbox: Sandbox, fernet_key: str, tmp_path: Path
 ) -> None:
     """2 OS processes sharing a SQLite file ask at once: one refresh, the same token."""
-    settings = _settings(sandbox, f"sqlite:///{tmp_path / 'loop_sync.db'}", fernet_key)
+    settings = sandbox_settings(sandbox, f"sqlite:///{tmp_path / 'loop_sync.db'}", fernet_key)
     services = Services.build(settings)
     try:
         upgrade(services.engine)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, inspect, text
 
-from loop_sync.config import Settings, load_settings
+from loop_sync.config import Settings
 from loop_sync.errors import (
     LoopUnreachable,
     ReauthRequired,
@@ -27,6 +27,7 @@ from loop_sync.sandbox import Sandbox, SandboxConfig, running_sandbox
 from loop_sync.schema import GRANT_ACTIVE, GRANT_REAUTH_REQUIRED, upgrade
 from loop_sync.services import Services
 from loop_sync.vault import LEASE_S, LOST_ROTATION, TokenVault
+from tests.support import sandbox_settings
 
 from .helpers import (
     api_status,
@@ -373,17 +374,7 @@ def test_loop_going_away_after_discovery_is_transient_and_changes_nothing(
 ) -> None:
     """The token endpoint refuses connections: TransientError; the stored pair stays good."""
     with running_sandbox(sandbox_config) as gone:
-        client = gone.config.client
-        settings = load_settings(
-            client_id=client.client_id,
-            client_secret=client.client_secret,
-            redirect_uri=client.redirect_uri,
-            issuer=gone.issuer,
-            api_base_url=gone.issuer,
-            database_url=database_url,
-            encryption_keys=fernet_key,
-        )
-        services = Services.build(settings)
+        services = Services.build(sandbox_settings(gone, database_url, fernet_key))
         upgrade(services.engine)
         services.vault = TokenVault(
             services.engine, services.cipher, services.oidc, clock=gone.clock.now
