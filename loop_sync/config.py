@@ -42,6 +42,13 @@ FIXES = {
     "LOOP_SYNC_ENCRYPTION_KEYS": (
         "set it to one or more comma-separated Fernet keys; make one with `loop-sync keys generate`"
     ),
+    "LOOP_SYNC_RATE_LIMIT_RPS": (
+        "set it to the requests per second Loop allows your client_id (a positive number)"
+    ),
+    "LOOP_SYNC_CONCURRENCY": "set it to how many users to sync at once (1-256)",
+    "LOOP_SYNC_PAGE_SIZE": f"set it to a page size from 1 to {contract.PAGE_LIMIT_MAX}",
+    "LOOP_SYNC_USER_TIME_BUDGET_S": "set it to the seconds one user's sync may take (> 0)",
+    "LOOP_SYNC_RETRY_AFTER_CAP_S": "set it to the longest Retry-After to honour, seconds (> 0)",
 }
 
 
@@ -77,6 +84,16 @@ class Settings(BaseSettings):
         SecretStr("sqlite:///loop_sync.db"), validation_alias="LOOP_SYNC_DATABASE_URL"
     )
     encryption_keys: SecretStr = Field(validation_alias="LOOP_SYNC_ENCRYPTION_KEYS")
+    rate_limit_rps: float = Field(10.0, gt=0, validation_alias="LOOP_SYNC_RATE_LIMIT_RPS")
+    concurrency: int = Field(8, ge=1, le=256, validation_alias="LOOP_SYNC_CONCURRENCY")
+    page_size: int = Field(
+        contract.PAGE_LIMIT_MAX,
+        ge=1,
+        le=contract.PAGE_LIMIT_MAX,
+        validation_alias="LOOP_SYNC_PAGE_SIZE",
+    )
+    user_time_budget_s: float = Field(300.0, gt=0, validation_alias="LOOP_SYNC_USER_TIME_BUDGET_S")
+    retry_after_cap_s: float = Field(120.0, gt=0, validation_alias="LOOP_SYNC_RETRY_AFTER_CAP_S")
 
     @field_validator("redirect_uri")
     @classmethod

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import (
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -20,6 +21,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     inspect,
 )
 from sqlalchemy.engine import Dialect, Engine
@@ -121,6 +123,137 @@ oauth_sessions = Table(
     Column("expires_at", UTC_TIME, nullable=False),
     Column("used_at", UTC_TIME, comment="set when a callback consumed it: single use"),
     comment="Pending consent flows: PKCE verifier, state and nonce, 10 minutes, single use.",
+)
+
+
+# --- the warehouse ---------------------------------------------------------------------
+# Columns shared by the current results and their history, in the order the normalizer
+# produces them. Units: *_source is as Loop sent it, *_canonical is in unit_canonical.
+def _result_columns() -> list[Column[Any]]:
+    """Fresh Column objects: a Column belongs to one table."""
+    return [
+        Column("result_id", String(255), nullable=False, comment="Loop's result id"),
+        Column("user_id", USER_ID, nullable=False, comment="Loop user id (grants.user_id)"),
+        Column("patient_id", String(255), comment="Loop's patient id, as sent"),
+        Column("biomarker_code", String(255), comment="Loop's code as sent, e.g. ldl-c"),
+        Column("biomarker_name", Text, comment="name as sent"),
+        Column("catalog_code", String(64), comment="our catalog code, e.g. ldl_c; null if unknown"),
+        Column("loinc", String(32), comment="the catalog's LOINC for the biomarker"),
+        Column("loinc_source", String(32), comment="the LOINC Loop sent, if any"),
+        Column("value_source", Float, comment="numeric value as sent, in unit_source"),
+        Column("value_text", Text, comment="verbatim result text, e.g. <0.5, Positive, TNP"),
+        Column("value_operator", String(2), comment="<, <=, > or >= for a censored value; null"),
+        Column("unit_source", String(64), comment="unit as sent"),
+        Column(
+            "value_canonical", Float, comment="value in unit_canonical; null if not convertible"
+        ),
+        Column("unit_canonical", String(64), comment="the catalog's canonical unit"),
+        Column("reference_low_source", Float, comment="in unit_source"),
+        Column("reference_high_source", Float, comment="in unit_source"),
+        Column("reference_low_canonical", Float, comment="in unit_canonical"),
+        Column("reference_high_canonical", Float, comment="in unit_canonical"),
+        Column("loop_status", String(16), comment="Loop's flag: normal, low, high, critical"),
+        Column("collected_at", UTC_TIME, comment="specimen time in UTC; null if sent without zone"),
+        Column("collected_at_source", String(64), comment="collected_at verbatim"),
+        Column("parsed_at", UTC_TIME, comment="when Loop parsed the result"),
+        Column("updated_at", UTC_TIME, comment="when Loop last corrected it; null if never"),
+        Column("revision", Integer, nullable=False, comment="1, raised by each correction"),
+        Column("lab", Text),
+        Column(
+            "quality_flags",
+            Text,
+            nullable=False,
+            comment="comma-separated: unknown_code, unknown_unit, non_convertible_unit, "
+            "implausible, naive_timestamp, censored, text_result; empty when clean",
+        ),
+        Column("content_hash", String(64), nullable=False, comment="sha256 of the raw record"),
+    ]
+
+
+RESULT_COLUMN_NAMES = tuple(column.name for column in _result_columns())
+
+biomarker_results = Table(
+    "biomarker_results",
+    metadata,
+    *_result_columns(),
+    Column("first_seen_at", UTC_TIME, nullable=False),
+    Column("last_changed_at", UTC_TIME, nullable=False, comment="last insert or update here"),
+    Column("deleted_at", UTC_TIME, comment="set when Loop no longer lists it; null if live"),
+    UniqueConstraint("result_id", name="uq_biomarker_results_result_id"),
+    Index("ix_biomarker_results_user_code", "user_id", "catalog_code", "collected_at"),
+    comment="Current results: one row per Loop result id, at its latest revision.",
+)
+
+biomarker_result_history = Table(
+    "biomarker_result_history",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    *_result_columns(),
+    Column("superseded_at", UTC_TIME, nullable=False, comment="when a newer version replaced it"),
+    Index("ix_biomarker_result_history_result", "result_id"),
+    comment="Earlier versions of corrected results.",
+)
+
+raw_records = Table(
+    "raw_records",
+    metadata,
+    Column("user_id", USER_ID, nullable=False),
+    Column("content_hash", String(64), nullable=False, comment="sha256 of the record JSON"),
+    Column("result_id", String(255), comment="the record's id if it has a string one"),
+    Column("payload", Text, nullable=False, comment="the record as received, JSON"),
+    Column("fetched_at", UTC_TIME, nullable=False, comment="first time this content arrived"),
+    UniqueConstraint("user_id", "content_hash", name="uq_raw_records_user_hash"),
+    comment="Every distinct record as Loop sent it, for replays and audits.",
+)
+
+rejects = Table(
+    "rejects",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("user_id", USER_ID, nullable=False),
+    Column("content_hash", String(64), nullable=False),
+    Column("result_id", String(255)),
+    Column("reason", Text, nullable=False, comment="why the record could not be used"),
+    Column("payload", Text, nullable=False, comment="the record as received, JSON"),
+    Column("first_seen_at", UTC_TIME, nullable=False),
+    Column("last_seen_at", UTC_TIME, nullable=False),
+    UniqueConstraint("user_id", "content_hash", name="uq_rejects_user_hash"),
+    comment="Records that were malformed, with the reason; the rest of the run went on.",
+)
+
+sync_state = Table(
+    "sync_state",
+    metadata,
+    Column("user_id", USER_ID, primary_key=True),
+    Column("last_attempt_at", UTC_TIME),
+    Column("last_success_at", UTC_TIME, comment="last sync whose rows were committed"),
+    Column("last_complete_at", UTC_TIME, comment="last pull that saw a consistent total"),
+    Column("results_live", Integer, comment="results held for the user after the last success"),
+    Column("last_status", String(32), comment="ok, failed, reauth_required"),
+    Column("last_error", Text, comment="why the last attempt failed; no secrets, no values"),
+    Column("consecutive_failures", Integer, nullable=False, default=0),
+    Column("last_run_id", String(64)),
+    comment="Per-user sync state, committed with the user's rows.",
+)
+
+sync_runs = Table(
+    "sync_runs",
+    metadata,
+    Column("run_id", String(64), primary_key=True),
+    Column("kind", String(32), nullable=False, comment="sync, backfill, onboard, rotate"),
+    Column("started_at", UTC_TIME, nullable=False),
+    Column("finished_at", UTC_TIME),
+    Column("status", String(32), nullable=False, comment="running, ok, partial, failed"),
+    Column("users_attempted", Integer, nullable=False, default=0),
+    Column("users_succeeded", Integer, nullable=False, default=0),
+    Column("users_failed", Integer, nullable=False, default=0),
+    Column("users_reauth_required", Integer, nullable=False, default=0),
+    Column("rows_inserted", Integer, nullable=False, default=0),
+    Column("rows_updated", Integer, nullable=False, default=0),
+    Column("rows_deleted", Integer, nullable=False, default=0),
+    Column("rows_rejected", Integer, nullable=False, default=0),
+    Column("duration_s", Float),
+    comment="One row per run: what it attempted and what it changed.",
 )
 
 
