@@ -248,3 +248,56 @@ def disconnect(
     with _services() as services:
         services.vault.disconnect(user, purge=purge)
     console.print(f"{user} disconnected" + (" and purged" if purge else ""))
+
+
+@app.command()
+def sync(
+    user: Annotated[
+        list[str] | None, typer.Option("--user", help="Sync this user (repeatable).")
+    ] = None,
+    all_users: Annotated[bool, typer.Option("--all", help="Sync every active grant.")] = False,
+    concurrency: Annotated[
+        int | None, typer.Option(help="Users fetched at once (default LOOP_SYNC_CONCURRENCY).")
+    ] = None,
+) -> None:
+    """Pull biomarker results from Loop into the warehouse, without Prefect.
+
+    Exits 1 if any user failed or must connect again; the others are still synced.
+
+    Example: loop-sync sync --all --concurrency 16
+    """
+    from rich.progress import Progress
+
+    from loop_sync.sync import run_sync, select_users
+
+    if not user and not all_users:
+        raise typer.BadParameter("name users with --user, or pass --all")
+    with _services() as services:
+        users = select_users(services.engine, None if all_users else user)
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("syncing users", total=len(users))
+            summary = run_sync(
+                services,
+                users,
+                concurrency=concurrency,
+                progress=lambda done, total: bar.update(task, completed=done),
+            )
+    table = Table("run", summary.run_id, title=f"sync {summary.status}")
+    for name, value in [
+        ("users attempted", summary.users_attempted),
+        ("users synced", summary.users_succeeded),
+        ("users failed", summary.users_failed),
+        ("users reauth_required", summary.users_reauth_required),
+        ("rows inserted", summary.rows_inserted),
+        ("rows updated", summary.rows_updated),
+        ("rows deleted", summary.rows_deleted),
+        ("rows rejected", summary.rows_rejected),
+        ("rows unchanged", summary.rows_unchanged),
+        ("duration", f"{summary.duration_s:.1f} s"),
+    ]:
+        table.add_row(name, str(value))
+    console.print(table)
+    for user_id, reason in summary.failures.items():
+        console.print(f"  {user_id}: {reason}")
+    if summary.failures:
+        raise typer.Exit(1)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import create_engine, event, text
+from sqlalchemy import Connection, Table, create_engine, event, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -47,3 +48,10 @@ def check_database(engine: Engine, settings: Settings) -> None:
             f"{FIXES['LOOP_SYNC_DATABASE_URL']}"
         )
         raise ConfigError(msg) from None
+
+
+def dialect_insert(connection: Connection, table: Table) -> Any:
+    """INSERT with ON CONFLICT support (both dialects spell it alike; SQLAlchemy does not)."""
+    if connection.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)

@@ -8,6 +8,7 @@ the only refresher of a user.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -23,6 +24,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     inspect,
+    text,
 )
 from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.types import TypeDecorator
@@ -69,7 +71,7 @@ grants = Table(
     Column("status", String(32), nullable=False, comment="active | reauth_required | revoked"),
     Column("scopes", Text, nullable=False, comment="scopes granted, space-separated"),
     Column("consented_at", UTC_TIME, nullable=False, comment="time of the latest consent"),
-    Column("status_changed_at", UTC_TIME, nullable=False),
+    Column("status_changed_at", UTC_TIME, nullable=False, comment="time of the last change"),
     Column("status_reason", Text, comment="why the grant is in its status"),
     comment="One row per Loop user who connected their account.",
 )
@@ -84,7 +86,7 @@ grant_events = Table(
     Column("at", UTC_TIME, nullable=False),
     Column("from_status", String(32), comment="null for the first consent"),
     Column("to_status", String(32), nullable=False),
-    Column("reason", Text, nullable=False),
+    Column("reason", Text, nullable=False, comment="why, e.g. rotation outcome lost"),
     Index("ix_grant_events_user_at", "user_id", "at"),
     comment="Every status change of every grant, with its time and reason.",
 )
@@ -158,7 +160,7 @@ def _result_columns() -> list[Column[Any]]:
         Column("parsed_at", UTC_TIME, comment="when Loop parsed the result"),
         Column("updated_at", UTC_TIME, comment="when Loop last corrected it; null if never"),
         Column("revision", Integer, nullable=False, comment="1, raised by each correction"),
-        Column("lab", Text),
+        Column("lab", Text, comment="laboratory name as sent"),
         Column(
             "quality_flags",
             Text,
@@ -176,7 +178,7 @@ biomarker_results = Table(
     "biomarker_results",
     metadata,
     *_result_columns(),
-    Column("first_seen_at", UTC_TIME, nullable=False),
+    Column("first_seen_at", UTC_TIME, nullable=False, comment="when loop-sync first stored it"),
     Column("last_changed_at", UTC_TIME, nullable=False, comment="last insert or update here"),
     Column("deleted_at", UTC_TIME, comment="set when Loop no longer lists it; null if live"),
     UniqueConstraint("result_id", name="uq_biomarker_results_result_id"),
@@ -187,7 +189,7 @@ biomarker_results = Table(
 biomarker_result_history = Table(
     "biomarker_result_history",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", Integer, primary_key=True, autoincrement=True, comment="surrogate key"),
     *_result_columns(),
     Column("superseded_at", UTC_TIME, nullable=False, comment="when a newer version replaced it"),
     Index("ix_biomarker_result_history_result", "result_id"),
@@ -197,7 +199,7 @@ biomarker_result_history = Table(
 raw_records = Table(
     "raw_records",
     metadata,
-    Column("user_id", USER_ID, nullable=False),
+    Column("user_id", USER_ID, nullable=False, comment="whose pull carried it"),
     Column("content_hash", String(64), nullable=False, comment="sha256 of the record JSON"),
     Column("result_id", String(255), comment="the record's id if it has a string one"),
     Column("payload", Text, nullable=False, comment="the record as received, JSON"),
@@ -209,14 +211,14 @@ raw_records = Table(
 rejects = Table(
     "rejects",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("user_id", USER_ID, nullable=False),
-    Column("content_hash", String(64), nullable=False),
-    Column("result_id", String(255)),
+    Column("id", Integer, primary_key=True, autoincrement=True, comment="surrogate key"),
+    Column("user_id", USER_ID, nullable=False, comment="whose pull carried it"),
+    Column("content_hash", String(64), nullable=False, comment="sha256 of the record JSON"),
+    Column("result_id", String(255), comment="the record's id if it has a string one"),
     Column("reason", Text, nullable=False, comment="why the record could not be used"),
     Column("payload", Text, nullable=False, comment="the record as received, JSON"),
-    Column("first_seen_at", UTC_TIME, nullable=False),
-    Column("last_seen_at", UTC_TIME, nullable=False),
+    Column("first_seen_at", UTC_TIME, nullable=False, comment="first run that rejected it"),
+    Column("last_seen_at", UTC_TIME, nullable=False, comment="latest run that saw it"),
     UniqueConstraint("user_id", "content_hash", name="uq_rejects_user_hash"),
     comment="Records that were malformed, with the reason; the rest of the run went on.",
 )
@@ -224,22 +226,22 @@ rejects = Table(
 sync_state = Table(
     "sync_state",
     metadata,
-    Column("user_id", USER_ID, primary_key=True),
-    Column("last_attempt_at", UTC_TIME),
+    Column("user_id", USER_ID, primary_key=True, comment="Loop user id"),
+    Column("last_attempt_at", UTC_TIME, comment="start of the latest attempt"),
     Column("last_success_at", UTC_TIME, comment="last sync whose rows were committed"),
     Column("last_complete_at", UTC_TIME, comment="last pull that saw a consistent total"),
     Column("results_live", Integer, comment="results held for the user after the last success"),
     Column("last_status", String(32), comment="ok, failed, reauth_required"),
     Column("last_error", Text, comment="why the last attempt failed; no secrets, no values"),
-    Column("consecutive_failures", Integer, nullable=False, default=0),
-    Column("last_run_id", String(64)),
+    Column("consecutive_failures", Integer, nullable=False, default=0, comment="0 after a success"),
+    Column("last_run_id", String(64), comment="sync_runs.run_id of the latest attempt"),
     comment="Per-user sync state, committed with the user's rows.",
 )
 
 sync_runs = Table(
     "sync_runs",
     metadata,
-    Column("run_id", String(64), primary_key=True),
+    Column("run_id", String(64), primary_key=True, comment="also the Prefect artifact key"),
     Column("kind", String(32), nullable=False, comment="sync, backfill, onboard, rotate"),
     Column("started_at", UTC_TIME, nullable=False),
     Column("finished_at", UTC_TIME),
@@ -257,9 +259,16 @@ sync_runs = Table(
 )
 
 
+VIEWS_DIR = Path(__file__).resolve().parent.parent / "sql" / "views"
+
+
 def upgrade(engine: Engine) -> None:
-    """Create what is missing; running it again changes nothing."""
+    """Create what is missing and (re)create the analyst views; safe to repeat."""
     metadata.create_all(engine)
+    with engine.begin() as connection:
+        for path in sorted(VIEWS_DIR.glob("*.sql")):
+            connection.execute(text(f"DROP VIEW IF EXISTS {path.stem}"))
+            connection.execute(text(path.read_text()))
 
 
 def require_schema(engine: Engine) -> None:

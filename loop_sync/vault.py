@@ -21,6 +21,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -245,6 +246,13 @@ class TokenVault:
             connection.execute(
                 update(tokens).where(tokens.c.user_id == user_id).values(refresh_started_at=started)
             )
+
+    def mark_reauth_required(self, user_id: str, reason: str) -> None:
+        """Record that only a new consent brings the user back, e.g. because the API said
+        insufficient_scope; records the transition and its reason and does NOT raise: the
+        caller raises `ReauthRequired` itself, with its own context."""
+        with suppress(ReauthRequired):
+            self._mark_reauth(user_id, reason)
 
     def _mark_reauth(self, user_id: str, reason: str) -> None:
         with self.engine.begin() as connection:

@@ -1,0 +1,383 @@
+"""The Loop API client: every page of one user's biomarker results, or a clear failure.
+
+`LoopClient.fetch_results` pulls `GET {api}/v1/biomarkers/me` page by page (contract Part
+B1), dedupes by `id`, and calls a pull complete only if `total` never moved, because the
+caller soft-deletes ids missing from a complete pull. Each request is retried per one
+stamina-style predicate, `retry_wait`; the per-user time budget bounds the whole pull.
+Tokens come from the vault through `VaultAuth`. No token and no record value (PHI) is ever
+logged or put in an exception: logs carry user ids, offsets, statuses and counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncGenerator, Generator
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from loop_sync import contract
+from loop_sync.config import Settings
+from loop_sync.errors import (
+    LoopSyncError,
+    ProviderError,
+    ReauthRequired,
+    RefreshOutcomeUnknown,
+    TransientError,
+)
+from loop_sync.ratelimit import (
+    DEFAULT_RETRY_POLICY,
+    MalformedPage,
+    RateBudget,
+    RetryPolicy,
+    retry_wait,
+)
+from loop_sync.vault import TokenVault
+
+__all__ = ["FetchResult", "LoopClient", "UserSyncFailed", "VaultAuth", "api_error", "parse_page"]
+
+log = logging.getLogger(__name__)
+
+HTTP_TIMEOUT = httpx.Timeout(30.0, connect=5.0)  # a GET is safe to retry after a timeout
+_ERROR_CODE = re.compile(r"[a-z_]{1,64}")  # Loop's codes; anything else is not echoed
+_CHALLENGE_ERROR = re.compile(r'(?:^|[\s,])error="([^"]*)"')
+
+
+class UserSyncFailed(LoopSyncError):
+    """One user's sync failed; the others go on. No token, no record value in the message."""
+
+    def __init__(self, user_id: str, reason: str) -> None:
+        super().__init__(
+            f"syncing user {user_id} failed: {reason}. Other users are not affected; "
+            "the next run tries this user again"
+        )
+        self.user_id = user_id
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """A user's raw records as Loop sent them, first-seen order, deduped by `id`.
+
+    `complete` is True only if `total` held still for a whole pull: only then may ids
+    missing from `records` be soft-deleted.
+    """
+
+    user_id: str
+    records: list[Any]
+    complete: bool
+    requests: int
+    retries: int
+    throttled: int
+
+
+@dataclass(frozen=True)
+class _Page:
+    records: list[Any]
+    total: int
+
+
+def api_error(response: httpx.Response) -> str | None:
+    """The error code of an API answer: from WWW-Authenticate, else the JSON body."""
+    challenge = _CHALLENGE_ERROR.search(response.headers.get("WWW-Authenticate", ""))
+    code: object = challenge.group(1) if challenge else None
+    if code is None:
+        try:
+            body = response.json()
+        except ValueError:
+            return None
+        code = body.get("error") if isinstance(body, dict) else None
+    return code if isinstance(code, str) and _ERROR_CODE.fullmatch(code) else None
+
+
+def parse_page(response: httpx.Response) -> _Page:
+    """A page of results (Part B1), or MalformedPage saying what is wrong with it."""
+    try:
+        body = response.json()
+    except ValueError:  # not JSON, truncated JSON or undecodable bytes
+        html = "html" in response.headers.get("content-type", "")
+        raise MalformedPage("an HTML page" if html else "a body that is not JSON") from None
+    if not isinstance(body, dict):
+        raise MalformedPage("JSON that is not an object")
+    key = next((k for k in contract.PAGE_ARRAY_KEYS if k in body), None)
+    if key is None or not isinstance(body[key], list):
+        raise MalformedPage(f"JSON with no list under {' or '.join(contract.PAGE_ARRAY_KEYS)}")
+    total = body.get("total")
+    if not isinstance(total, int) or isinstance(total, bool) or total < 0:
+        raise MalformedPage("JSON with no integer total")
+    return _Page(body[key], total)
+
+
+class VaultAuth(httpx.Auth):
+    """Bearer tokens from the vault; on a 401 invalid_token, one refresh and one retry.
+
+    It overrides `async_auth_flow` because the vault blocks (a database lease, a refresh
+    POST): it runs in a thread. The vault's lease makes the refresh one per user across
+    processes, and `rejected=` keeps a token another process already replaced from being
+    refreshed twice. A bare 401 (no error code) counts as invalid_token.
+    """
+
+    def __init__(self, vault: TokenVault, user_id: str) -> None:
+        self.vault = vault
+        self.user_id = user_id
+        self.requests = 0  # requests sent through this auth (retries included)
+        self.refreshes = 0
+
+    def sync_auth_flow(
+        self, request: httpx.Request
+    ) -> Generator[httpx.Request, httpx.Response, None]:
+        msg = "VaultAuth is for httpx.AsyncClient: the vault is called through a thread"
+        raise RuntimeError(msg)
+
+    async def async_auth_flow(
+        self, request: httpx.Request
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        token = await asyncio.to_thread(self.vault.access_token, self.user_id)
+        request.headers["Authorization"] = f"Bearer {token}"
+        self.requests += 1
+        response = yield request
+        if response.status_code != 401:
+            return
+        await response.aread()
+        if api_error(response) not in (contract.API_INVALID_TOKEN, None):
+            return  # e.g. 401 insufficient_scope: a refresh would not help
+        log.info("user %s: access token rejected (401); refreshing it once", self.user_id)
+        self.refreshes += 1
+        token = await asyncio.to_thread(self.vault.access_token, self.user_id, rejected=token)
+        request.headers["Authorization"] = f"Bearer {token}"
+        self.requests += 1
+        yield request
+
+
+@dataclass
+class _Run:
+    """One fetch_results call: its auth, deadline and counters."""
+
+    user_id: str
+    auth: VaultAuth
+    deadline: float
+    retries: int = 0
+    throttled: int = 0
+    seen: dict[tuple[str, str], Any] = field(default_factory=dict)
+
+
+class LoopClient:
+    """One `httpx.AsyncClient` for Loop's clinical API, shared by the users of one run.
+
+    Use it as `async with LoopClient(settings, vault, budget) as client`. At most
+    `settings.concurrency` users are fetched at once; a user's time budget starts when
+    their turn does. `budget` is the process-wide `RateBudget` of our client_id.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        vault: TokenVault,
+        budget: RateBudget,
+        *,
+        policy: RetryPolicy = DEFAULT_RETRY_POLICY,
+    ) -> None:
+        self.settings = settings
+        self.vault = vault
+        self.budget = budget
+        self.policy = policy
+        self._turns = asyncio.Semaphore(settings.concurrency)
+        self._http = httpx.AsyncClient(
+            base_url=settings.api_base_url,
+            timeout=HTTP_TIMEOUT,
+            limits=httpx.Limits(
+                max_connections=settings.concurrency,
+                max_keepalive_connections=settings.concurrency,
+            ),
+            headers={"Accept": "application/json"},
+            event_hooks={"request": [self._take_turn]},
+        )
+
+    async def _take_turn(self, request: httpx.Request) -> None:
+        """Every request waits for the shared budget just before it is sent, including the
+        auth flow's retry after a refresh, so the budget sees what Loop sees."""
+        await self.budget.acquire()
+
+    async def __aenter__(self) -> LoopClient:
+        await self._http.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self._http.__aexit__(exc_type, exc, traceback)
+
+    async def fetch_results(self, user_id: str) -> FetchResult:
+        """Every record of the user; raises UserSyncFailed, ReauthRequired or ConfigError."""
+        async with self._turns:
+            allowed = self.settings.user_time_budget_s
+            run = _Run(user_id, VaultAuth(self.vault, user_id), time.monotonic() + allowed)
+            try:
+                async with asyncio.timeout(allowed):
+                    return await self._pull(run)
+            except TimeoutError:
+                reason = (
+                    f"its time budget of {allowed:g} s (LOOP_SYNC_USER_TIME_BUDGET_S) ran "
+                    f"out after {run.auth.requests} requests"
+                )
+                raise UserSyncFailed(user_id, reason) from None
+
+    async def _pull(self, run: _Run) -> FetchResult:
+        pulls = 1 + self.policy.repulls
+        for pull in range(1, pulls + 1):
+            run.seen = {}
+            if await self._pull_once(run, last=pull == pulls):
+                return self._result(run, complete=True)
+            log.info("user %s: total changed during pull %d of %d", run.user_id, pull, pulls)
+        log.warning("user %s: total never held still for a whole pull: incomplete", run.user_id)
+        return self._result(run, complete=False)
+
+    def _result(self, run: _Run, *, complete: bool) -> FetchResult:
+        result = FetchResult(
+            run.user_id,
+            list(run.seen.values()),
+            complete,
+            run.auth.requests,
+            run.retries,
+            run.throttled,
+        )
+        log.info(
+            "user %s: %d records in %d requests (%d retries, %d throttled), complete=%s",
+            run.user_id,
+            len(result.records),
+            result.requests,
+            result.retries,
+            result.throttled,
+            complete,
+        )
+        return result
+
+    async def _pull_once(self, run: _Run, *, last: bool) -> bool:
+        """One pull from offset 0; True if `total` held and every page up to it came.
+
+        A moved total stops the pull at once unless it is the last one, which goes on to
+        the end so the caller still gets every record it can upsert.
+        """
+        offset, first_total, held = 0, None, True
+        while True:
+            page = await self._get_page(run, offset)
+            first_total = page.total if first_total is None else first_total
+            held = held and page.total == first_total
+            if not held and not last:
+                return False
+            for record in page.records:
+                run.seen[_dedupe_key(record)] = record  # a repeat keeps its first position
+            offset += len(page.records)
+            if not page.records or offset >= page.total:
+                return held and offset >= first_total
+
+    async def _get_page(self, run: _Run, offset: int) -> _Page:
+        """One page, retried per `retry_wait` within the user's time budget."""
+        params = {"limit": self.settings.page_size, "offset": offset}
+        attempt = malformed = 0
+        while True:
+            attempt += 1
+            outcome: httpx.Response | Exception
+            try:
+                response = await self._http.get(
+                    contract.BIOMARKERS_PATH, params=params, auth=run.auth
+                )
+            except (httpx.TransportError, TransientError, RefreshOutcomeUnknown) as exc:
+                outcome = exc
+            except httpx.DecodingError:
+                outcome = MalformedPage("a body that could not be decoded")
+            except ProviderError as exc:  # the vault's refresh got a final OAuth error
+                reason = f"refreshing its access token failed ({_describe(exc)})"
+                raise UserSyncFailed(run.user_id, reason) from None
+            else:
+                if response.status_code != 200:
+                    outcome = response
+                else:
+                    try:
+                        return parse_page(response)
+                    except MalformedPage as exc:
+                        outcome = exc
+            wait = retry_wait(
+                outcome,
+                attempt,
+                retry_after_cap_s=self.settings.retry_after_cap_s,
+                policy=self.policy,
+            )
+            if wait is None:
+                raise await self._final_error(run, outcome)
+            if isinstance(outcome, MalformedPage):
+                malformed += 1
+                if malformed > self.policy.malformed_retries:
+                    reason = f"Loop answered 200 with {outcome.what} {malformed} times in a row"
+                    raise UserSyncFailed(run.user_id, reason)
+            if time.monotonic() + wait > run.deadline:
+                reason = (
+                    f"the retry after {_describe(outcome)} at offset {offset} (attempt "
+                    f"{attempt}) would pass its time budget of "
+                    f"{self.settings.user_time_budget_s:g} s (LOOP_SYNC_USER_TIME_BUDGET_S)"
+                )
+                raise UserSyncFailed(run.user_id, reason)
+            log.info(
+                "user %s: %s at offset %d, attempt %d; retrying in %.2f s",
+                run.user_id,
+                _describe(outcome),
+                offset,
+                attempt,
+                wait,
+            )
+            run.retries += 1
+            if isinstance(outcome, httpx.Response) and outcome.status_code == 429:
+                run.throttled += 1
+                self.budget.pause_for(wait)  # everyone waits; our acquire() included
+            else:
+                await asyncio.sleep(wait)
+
+    async def _final_error(
+        self, run: _Run, outcome: httpx.Response | Exception
+    ) -> ReauthRequired | UserSyncFailed:
+        """The error for an answer that must not be retried; marks reauth when due."""
+        if not isinstance(outcome, httpx.Response):
+            return UserSyncFailed(run.user_id, _describe(outcome))
+        status, error = outcome.status_code, api_error(outcome)
+        if error == contract.API_INSUFFICIENT_SCOPE and status in (
+            contract.INSUFFICIENT_SCOPE_STATUSES
+        ):
+            reason = f"Loop answered {status} insufficient_scope: the grant lacks "
+            reason += contract.BIOMARKERS_SCOPE
+            await asyncio.to_thread(self.vault.mark_reauth_required, run.user_id, reason)
+            return ReauthRequired(run.user_id, reason)
+        if status == 401:
+            reason = "Loop rejected the access token even after one refresh (HTTP 401"
+        elif status == 403:
+            reason = "Loop forbids reading this user's results; retrying will not help (HTTP 403"
+        elif status == 404:
+            reason = f"Loop has no {contract.BIOMARKERS_PATH} for this user (HTTP 404"
+        else:
+            reason = f"Loop refused the request (HTTP {status}"
+        return UserSyncFailed(run.user_id, f"{reason} {error or 'without an error code'})")
+
+
+def _dedupe_key(record: Any) -> tuple[str, str]:
+    """A record's `id`, or its JSON when it has no string id (kept for the rejects)."""
+    if isinstance(record, dict) and isinstance(record.get("id"), str):
+        return ("id", record["id"])
+    return ("json", json.dumps(record, sort_keys=True))
+
+
+def _describe(outcome: httpx.Response | BaseException) -> str:
+    """A log- and message-safe name for an outcome: status or type and error code only."""
+    if isinstance(outcome, httpx.Response):
+        return f"HTTP {outcome.status_code}"
+    if isinstance(outcome, MalformedPage):
+        return f"a malformed 200 ({outcome.what})"
+    code = getattr(outcome, "error", None)
+    return f"{type(outcome).__name__} ({code})" if code else type(outcome).__name__
