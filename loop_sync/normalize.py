@@ -184,12 +184,9 @@ def _number_reasons(field: str) -> tuple[str, ...]:
     return (f"{field} is not a number", f"{field} is not finite")
 
 
-def _time_reasons(field: str, *, required: bool, zoned: bool) -> tuple[str, ...]:
-    reasons = [f"{field} is missing"] if required else []
-    reasons.append(f"{field} is not a timestamp")
-    if zoned:
-        reasons.append(f"{field} has no timezone")
-    return tuple(reasons)
+def _zoned_time_reasons(field: str, *, required: bool) -> tuple[str, ...]:
+    missing = (f"{field} is missing",) if required else ()
+    return (*missing, f"{field} is not a timestamp", f"{field} has no timezone")
 
 
 NOT_AN_OBJECT: Final = "record is not a JSON object"
@@ -210,12 +207,12 @@ REJECT_REASONS: Final = (
     "collected_at is missing",
     "collected_at is not a timestamp",
     f"collected_at is longer than {_max_length('collected_at_source')} characters",
-    *_time_reasons("parsed_at", required=True, zoned=True),
+    *_zoned_time_reasons("parsed_at", required=True),
     *_text_reasons("loinc"),
     *_text_reasons("value_text"),
     NO_RESULT,
     *_text_reasons("lab"),
-    *_time_reasons("updated_at", required=False, zoned=True),
+    *_zoned_time_reasons("updated_at", required=False),
     "revision is not a positive integer",
     "revision is too large",
 )

@@ -235,3 +235,49 @@ def _outcomes(results: pd.DataFrame, rejects: pd.DataFrame) -> dict[str, Any]:
             "nan" if isinstance(v, float) and math.isnan(v) else v for v in row.values()
         )
     return out
+
+
+CONVERTIBLE = [row for row in CATALOG if row.factor is not None]
+
+
+@settings(SETTINGS, max_examples=100)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(CONVERTIBLE),
+            st.floats(0, 1e5),
+            st.sampled_from(["", "<", ">=", "≤"]),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=20,
+    )
+)
+def test_canonical_value_is_value_times_factor_plus_offset(
+    cases: list[tuple[Any, float, str, bool]],
+) -> None:
+    """An oracle from the catalog: any known unit, any value, censored or not."""
+    records = [
+        {
+            "id": f"r{i}",
+            "biomarker_code": unit.loop_code,
+            "unit": unit.unit,
+            "value": None if censor and as_text else value,
+            "value_text": f"{censor}{value!r}" if censor else None,
+            "collected_at": "2026-01-10T08:30:00+01:00",
+            "parsed_at": "2026-01-10T12:00:00Z",
+        }
+        for i, (unit, value, censor, as_text) in enumerate(cases)
+    ]
+    out = normalize(["u"] * len(records), records, [str(i) for i in range(len(records))])
+    assert out.rejects.empty
+    rows = out.results.to_dict("records")
+    for (unit, value, censor, _), row in zip(cases, rows, strict=True):
+        assert row["catalog_code"] == unit.code
+        assert row["unit_canonical"] == unit.canonical_unit
+        assert row["value_source"] == value
+        canonical = row["value_canonical"]
+        assert math.isclose(canonical, value * unit.factor + (unit.offset or 0.0))
+        assert (row["value_operator"] is not None) == bool(censor)
+        implausible = not unit.plausible_min <= canonical <= unit.plausible_max
+        assert ("implausible" in row["quality_flags"].split(",")) == implausible
