@@ -16,6 +16,7 @@ from loop_sync.errors import ConfigError
 from loop_sync.sandbox import Sandbox
 from loop_sync.schema import grant_events, tokens
 from loop_sync.services import Services
+from tests.support import settings_env
 
 runner = CliRunner()
 
@@ -23,15 +24,7 @@ runner = CliRunner()
 @pytest.fixture
 def env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """The operator's environment: the same settings, as variables."""
-    values = {
-        "LOOP_CLIENT_ID": settings.client_id,
-        "LOOP_CLIENT_SECRET": settings.client_secret.get_secret_value(),
-        "LOOP_REDIRECT_URI": settings.redirect_uri,
-        "LOOP_ISSUER": settings.issuer,
-        "LOOP_API_BASE_URL": settings.api_base_url,
-        "LOOP_SYNC_DATABASE_URL": settings.database_url.get_secret_value(),
-        "LOOP_SYNC_ENCRYPTION_KEYS": settings.encryption_keys.get_secret_value(),
-    }
+    values = settings_env(settings)
     for name, value in values.items():
         monkeypatch.setenv(name, value)
     return values

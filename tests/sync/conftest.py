@@ -14,8 +14,8 @@ from loop_sync.config import Settings
 from loop_sync.sandbox import Knobs, Sandbox, SandboxConfig
 from loop_sync.sandbox.authority import user_ids
 from loop_sync.services import Services
-from tests.support import sandbox_settings
-from tests.sync.helpers import consent, fast, fresh_pg_schema
+from tests.support import fresh_pg_schema, sandbox_settings
+from tests.sync.helpers import consent, fast
 
 
 @pytest.fixture

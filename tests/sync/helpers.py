@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 import pytest
-from sqlalchemy import Engine, Table, create_engine, func, literal_column, select, table, text
+from sqlalchemy import Engine, Table, func, literal_column, select, table, text
 
 from loop_sync.config import Settings
 from loop_sync.sandbox import Sandbox
@@ -113,18 +110,3 @@ def advance_until(
         if any(hits.values()):
             return {user: picked for user, picked in hits.items() if picked}
     pytest.fail(f"nothing of the kind happened at Loop within {max_days} days")
-
-
-@contextmanager
-def fresh_pg_schema(pg_url: str) -> Iterator[str]:
-    """A PostgreSQL URL whose search_path is a new, empty schema, dropped afterwards."""
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(pg_url)
-    with admin.begin() as connection:
-        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield f"{pg_url}?options={quote(f'-csearch_path={schema}')}"
-    finally:
-        with admin.begin() as connection:
-            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()

@@ -12,6 +12,7 @@ from loop_sync.config import Settings
 from loop_sync.sandbox import Sandbox
 from loop_sync.schema import biomarker_results, sync_runs
 from loop_sync.services import Services
+from tests.support import settings_env
 from tests.sync.helpers import consent, count, live, rows, truth_ids
 
 runner = CliRunner()
@@ -21,16 +22,7 @@ TEAM = ["usr_0001", "usr_0002", "usr_0003"]
 @pytest.fixture
 def env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """The operator's environment: the same settings, as variables."""
-    values = {
-        "LOOP_CLIENT_ID": settings.client_id,
-        "LOOP_CLIENT_SECRET": settings.client_secret.get_secret_value(),
-        "LOOP_REDIRECT_URI": settings.redirect_uri,
-        "LOOP_ISSUER": settings.issuer,
-        "LOOP_API_BASE_URL": settings.api_base_url,
-        "LOOP_SYNC_DATABASE_URL": settings.database_url.get_secret_value(),
-        "LOOP_SYNC_ENCRYPTION_KEYS": settings.encryption_keys.get_secret_value(),
-        "LOOP_SYNC_RATE_LIMIT_RPS": "1000",
-    }
+    values = settings_env(settings, LOOP_SYNC_RATE_LIMIT_RPS="1000")
     for name, value in values.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(console, "width", 200)  # a wide terminal: one line per table row

@@ -20,6 +20,7 @@ from loop_sync.sandbox.authority import user_ids
 from loop_sync.schema import raw_records, sync_runs, sync_state, upgrade
 from loop_sync.services import Services
 from loop_sync.sync import run_sync, select_users
+from tests.support import settings_env
 from tests.sync.helpers import consent, content, count, rows
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -45,16 +46,12 @@ def worker_env(settings: Settings) -> dict[str, str]:
     return {
         **os.environ,
         "PYTHONPATH": str(PROJECT_ROOT),
-        "LOOP_CLIENT_ID": settings.client_id,
-        "LOOP_CLIENT_SECRET": settings.client_secret.get_secret_value(),
-        "LOOP_REDIRECT_URI": settings.redirect_uri,
-        "LOOP_ISSUER": settings.issuer,
-        "LOOP_API_BASE_URL": settings.api_base_url,
-        "LOOP_SYNC_DATABASE_URL": settings.database_url.get_secret_value(),
-        "LOOP_SYNC_ENCRYPTION_KEYS": settings.encryption_keys.get_secret_value(),
-        "LOOP_SYNC_RATE_LIMIT_RPS": "1000",
-        "LOOP_SYNC_CONCURRENCY": "2",
-        "LOOP_SYNC_PAGE_SIZE": "10",  # several requests per user: each batch takes a while
+        **settings_env(
+            settings,
+            LOOP_SYNC_RATE_LIMIT_RPS="1000",
+            LOOP_SYNC_CONCURRENCY="2",
+            LOOP_SYNC_PAGE_SIZE="10",  # several requests per user: each batch takes a while
+        ),
     }
 
 

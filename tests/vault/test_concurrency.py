@@ -25,7 +25,7 @@ from loop_sync.sandbox import Sandbox
 from loop_sync.schema import upgrade
 from loop_sync.services import Services
 from loop_sync.vault import TokenVault
-from tests.support import sandbox_settings
+from tests.support import sandbox_settings, settings_env
 
 from .helpers import api_status, consent, set_tokens, stored_access_token, token_row
 
@@ -38,18 +38,7 @@ READY_TIMEOUT_S = 30
 def _worker_env(settings: Settings) -> dict[str, str]:
     """The environment an operator would give a loop-sync worker."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOP_")}
-    env.update(
-        LOOP_CLIENT_ID=settings.client_id,
-        LOOP_CLIENT_SECRET=settings.client_secret.get_secret_value(),
-        LOOP_REDIRECT_URI=settings.redirect_uri,
-        LOOP_ISSUER=settings.issuer,
-        LOOP_API_BASE_URL=settings.api_base_url,
-        LOOP_SCOPES=" ".join(settings.scopes),
-        LOOP_SYNC_DATABASE_URL=settings.database_url.get_secret_value(),
-        LOOP_SYNC_ENCRYPTION_KEYS=settings.encryption_keys.get_secret_value(),
-        PYTHONPATH=str(REPO),
-    )
-    return env
+    return {**env, **settings_env(settings), "PYTHONPATH": str(REPO)}
 
 
 def _expired_user(services: Services, sandbox: Sandbox) -> str:
