@@ -6,6 +6,7 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -299,5 +300,53 @@ def sync(
     console.print(table)
     for user_id, reason in summary.failures.items():
         console.print(f"  {user_id}: {reason}")
+    if summary.failures:
+        raise typer.Exit(1)
+
+
+@app.command()
+def backfill(
+    user: Annotated[
+        list[str] | None, typer.Option("--user", help="Only this user (repeatable).")
+    ] = None,
+    start: Annotated[
+        datetime | None, typer.Option(formats=["%Y-%m-%d"], help="First collected_at day.")
+    ] = None,
+    end: Annotated[
+        datetime | None, typer.Option(formats=["%Y-%m-%d"], help="Last collected_at day.")
+    ] = None,
+    mode: Annotated[
+        str, typer.Option(help="refetch (from Loop) or replay (from the raw landing).")
+    ] = "refetch",
+) -> None:
+    """Re-load results collected in a window; never touches users' live sync state.
+
+    Example: loop-sync backfill --mode replay --start 2026-01-01 --end 2026-03-31
+    """
+    from loop_sync.backfill import backfill_users
+    from loop_sync.sync import finish_run, select_users, start_run
+
+    if mode not in ("refetch", "replay"):
+        raise typer.BadParameter("mode must be refetch or replay")
+    with _services() as services:
+        users = select_users(services.engine, user)
+        summary = start_run(services.engine, "backfill")
+        try:
+            summary.merge(
+                backfill_users(
+                    services,
+                    summary.run_id,
+                    users,
+                    start=start.date() if start else None,
+                    end=end.date() if end else None,
+                    mode="replay" if mode == "replay" else "refetch",
+                )
+            )
+        finally:
+            finish_run(services.engine, summary)
+    console.print(
+        f"backfill {summary.status}: {summary.users_attempted} users, "
+        f"+{summary.rows_inserted} ~{summary.rows_updated} rows, {summary.rows_rejected} rejected"
+    )
     if summary.failures:
         raise typer.Exit(1)

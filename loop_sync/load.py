@@ -59,15 +59,25 @@ class LoadCounts:
 
 
 def write_batch(
-    engine: Engine, pulls: Sequence[UserPull], *, run_id: str, now: datetime
+    engine: Engine,
+    pulls: Sequence[UserPull],
+    *,
+    run_id: str,
+    now: datetime,
+    record_state: bool = True,
+    force: bool = False,
 ) -> LoadCounts:
-    """Write a batch of users' pulls and their sync state in one transaction."""
+    """Write a batch of users' pulls and their sync state in one transaction.
+
+    A backfill passes `record_state=False`, so it never moves a user's live sync state,
+    and a replay passes `force=True` to re-normalize records whose raw content is known.
+    """
     counts = LoadCounts()
     if not pulls:
         return counts
     user_ids = [pull.user_id for pull in pulls]
     with engine.begin() as connection:
-        known = known_hashes(connection, user_ids)
+        known = set() if force else known_hashes(connection, user_ids)
         fresh_users: list[str] = []
         fresh_records: list[Any] = []
         fresh_hashes: list[str] = []
@@ -81,9 +91,12 @@ def write_batch(
         land(connection, list(zip(fresh_users, fresh_hashes, fresh_records, strict=True)), now)
         normalized = normalize(fresh_users, fresh_records, fresh_hashes)
         counts.rejected = _upsert_rejects(connection, normalized.rejects, now)
-        counts.inserted, counts.updated = _upsert_results(connection, normalized.results, now)
+        counts.inserted, counts.updated = _upsert_results(
+            connection, normalized.results, now, force=force
+        )
         counts.deleted = _soft_delete(connection, [p for p in pulls if p.complete], now)
-        _record_success(connection, pulls, run_id=run_id, now=now)
+        if record_state:
+            _record_success(connection, pulls, run_id=run_id, now=now)
     return counts
 
 
@@ -115,7 +128,9 @@ def _upsert_rejects(connection: Connection, frame: pd.DataFrame, now: datetime) 
     return len(rows)
 
 
-def _upsert_results(connection: Connection, frame: pd.DataFrame, now: datetime) -> tuple[int, int]:
+def _upsert_results(
+    connection: Connection, frame: pd.DataFrame, now: datetime, *, force: bool = False
+) -> tuple[int, int]:
     """Insert new results; replace changed or restore deleted ones, keeping history."""
     if frame.empty:
         return 0, 0
@@ -142,14 +157,15 @@ def _upsert_results(connection: Connection, frame: pd.DataFrame, now: datetime) 
         row["first_seen_at"] = row["last_changed_at"] = now
         row["deleted_at"] = None
     if connection.dialect.name == "postgresql":
-        _copy_upsert(connection, rows)
+        _copy_upsert(connection, rows, force=force)
     else:
-        connection.execute(_upsert_statement(connection, biomarker_results), rows)
+        connection.execute(_upsert_statement(connection, biomarker_results, force=force), rows)
     return len(incoming) - len(existing), len(existing)
 
 
-def _upsert_statement(connection: Connection, source: Any) -> Any:
-    """ON CONFLICT (result_id) DO UPDATE … WHERE the row changed or was deleted."""
+def _upsert_statement(connection: Connection, source: Any, *, force: bool = False) -> Any:
+    """ON CONFLICT (result_id) DO UPDATE … WHERE the row changed or was deleted (always,
+    when `force`d by a replay)."""
     statement = dialect_insert(connection, biomarker_results)
     if source is not biomarker_results:
         columns = [*RESULT_COLUMN_NAMES, "first_seen_at", "last_changed_at", "deleted_at"]
@@ -162,12 +178,14 @@ def _upsert_statement(connection: Connection, source: Any) -> Any:
             "last_changed_at": statement.excluded.last_changed_at,
             "deleted_at": None,
         },
-        where=(biomarker_results.c.content_hash != statement.excluded.content_hash)
+        where=None
+        if force
+        else (biomarker_results.c.content_hash != statement.excluded.content_hash)
         | biomarker_results.c.deleted_at.is_not(None),
     )
 
 
-def _copy_upsert(connection: Connection, rows: list[dict[str, Any]]) -> None:
+def _copy_upsert(connection: Connection, rows: list[dict[str, Any]], *, force: bool) -> None:
     """PostgreSQL: COPY into a temp staging table, then one INSERT … ON CONFLICT."""
     columns = [*RESULT_COLUMN_NAMES, "first_seen_at", "last_changed_at", "deleted_at"]
     stage = Table(
@@ -182,7 +200,7 @@ def _copy_upsert(connection: Connection, rows: list[dict[str, Any]]) -> None:
     with cursor.copy(f"COPY stage_results ({', '.join(columns)}) FROM STDIN") as copy:
         for row in rows:
             copy.write_row([row[name] for name in columns])
-    connection.execute(_upsert_statement(connection, stage))
+    connection.execute(_upsert_statement(connection, stage, force=force))
 
 
 def _keep_history(connection: Connection, result_ids: Sequence[str], now: datetime) -> None:

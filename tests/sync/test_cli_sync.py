@@ -101,3 +101,25 @@ def test_sync_without_user_or_all_is_a_usage_error(
     assert "--user" in result.output
     assert "--all" in result.output
     assert count(services.engine, sync_runs) == 0
+
+
+def test_backfill_replay_is_recorded_as_a_backfill_run_without_calling_loop(
+    env: dict[str, str], services: Services, sandbox: Sandbox, team: list[str]
+) -> None:
+    """`backfill --mode replay` re-loads from the landing; sync_runs says it was a backfill."""
+    assert runner.invoke(app, ["sync", "--all"]).exit_code == 0
+    requests = sandbox.counters.requests["biomarkers"]
+
+    result = runner.invoke(app, ["backfill", "--mode", "replay", "--start", "2000-01-01"])
+
+    assert result.exit_code == 0, result.output
+    assert "backfill ok" in result.output
+    assert sandbox.counters.requests["biomarkers"] == requests
+    kinds = [r["kind"] for r in rows(services.engine, sync_runs.select())]
+    assert sorted(kinds) == ["backfill", "sync"]
+
+
+def test_backfill_with_an_unknown_mode_is_a_usage_error(env: dict[str, str]) -> None:
+    """Only refetch and replay exist."""
+    result = runner.invoke(app, ["backfill", "--mode", "rewind"])
+    assert result.exit_code == 2
