@@ -31,13 +31,13 @@ test: lint services
 	$(BIN)/pytest
 
 demo: $(STAMP)
-	$(BIN)/loop-sync sandbox --port 8765 --auto-approve --users 5
+	$(BIN)/loop-sync demo --dir demo
 
 # Re-pin every dependency after changing pyproject.toml (needs network to PyPI).
 lock:
 	$(PYTHON) -m venv /tmp/loop-sync-lock && /tmp/loop-sync-lock/bin/pip install -qq uv
 	/tmp/loop-sync-lock/bin/uv pip compile pyproject.toml --extra dev --python-version 3.11 \
-		--no-header -o requirements.lock
+		--no-header -q -o requirements.lock
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -350,3 +350,40 @@ def backfill(
     )
     if summary.failures:
         raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    directory: Annotated[
+        str, typer.Option("--dir", help="Where to leave the demo warehouse.")
+    ] = "demo",
+) -> None:
+    """The whole job offline: sandbox, 25 consents, two Prefect syncs, a SQLite warehouse.
+
+    Example: loop-sync demo --dir demo
+    """
+    from pathlib import Path
+
+    from loop_sync.demo import run_demo
+
+    run_demo(Path(directory), console)
+
+
+@app.command()
+def serve(
+    project: Annotated[
+        str, typer.Option(help="The checkout holding deployments.yaml and flows/.")
+    ] = ".",
+    limit: Annotated[int | None, typer.Option(help="At most this many runs at once.")] = None,
+) -> None:
+    """Run the schedules of deployments.yaml from this one process (no work pool needed).
+
+    Example: PREFECT_API_URL=http://127.0.0.1:4200/api loop-sync serve --project .
+    """
+    from pathlib import Path
+
+    from loop_sync.config import load_settings
+    from loop_sync.orchestration import serve_schedules
+
+    load_settings()  # a bad configuration stops here, not in the first scheduled run
+    serve_schedules(Path(project), limit=limit)

@@ -49,6 +49,10 @@ FIXES = {
     "LOOP_SYNC_PAGE_SIZE": f"set it to a page size from 1 to {contract.PAGE_LIMIT_MAX}",
     "LOOP_SYNC_USER_TIME_BUDGET_S": "set it to the seconds one user's sync may take (> 0)",
     "LOOP_SYNC_RETRY_AFTER_CAP_S": "set it to the longest Retry-After to honour, seconds (> 0)",
+    "LOOP_SYNC_ONBOARD_DEPLOYMENT": (
+        "set it to the Prefect deployment the web app starts after a consent, "
+        "e.g. onboard/onboard, or leave it unset"
+    ),
 }
 
 
@@ -94,6 +98,9 @@ class Settings(BaseSettings):
     )
     user_time_budget_s: float = Field(300.0, gt=0, validation_alias="LOOP_SYNC_USER_TIME_BUDGET_S")
     retry_after_cap_s: float = Field(120.0, gt=0, validation_alias="LOOP_SYNC_RETRY_AFTER_CAP_S")
+    onboard_deployment: str | None = Field(
+        None, pattern=r"^[^/\s]+/[^/\s]+$", validation_alias="LOOP_SYNC_ONBOARD_DEPLOYMENT"
+    )
 
     @field_validator("redirect_uri")
     @classmethod

@@ -21,7 +21,8 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 def make_engine(settings: Settings) -> Engine:
     url = settings.database_url.get_secret_value()
-    engine = create_engine(url, pool_pre_ping=True)
+    # hide_parameters: a logged database error must not quote values (PHI) or ciphertexts.
+    engine = create_engine(url, pool_pre_ping=True, hide_parameters=True)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine

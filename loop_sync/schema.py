@@ -241,8 +241,13 @@ sync_state = Table(
 sync_runs = Table(
     "sync_runs",
     metadata,
-    Column("run_id", String(64), primary_key=True, comment="also the Prefect artifact key"),
-    Column("kind", String(32), nullable=False, comment="sync, backfill, onboard, rotate"),
+    Column(
+        "run_id",
+        String(64),
+        primary_key=True,
+        comment="a run's id, also shown in its Prefect artifact",
+    ),
+    Column("kind", String(32), nullable=False, comment="sync, backfill, onboard, rotate, purge"),
     Column("started_at", UTC_TIME, nullable=False),
     Column("finished_at", UTC_TIME),
     Column("status", String(32), nullable=False, comment="running, ok, partial, failed"),

@@ -33,6 +33,8 @@ def settings_env(settings: Settings, **overrides: str) -> dict[str, str]:
     env: dict[str, str] = {}
     for name, field in Settings.model_fields.items():
         value = getattr(settings, name)
+        if value is None:
+            continue
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
         elif isinstance(value, tuple):

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -149,7 +150,13 @@ class _Views:
             log.info("consent callback refused: %s", exc.title)
             response = _page(exc.title, exc.message, exc.status)
         else:
-            response = HTMLResponse(success_page(user_id))
+            deployment = self.services.settings.onboard_deployment
+            response = HTMLResponse(
+                success_page(user_id),
+                background=BackgroundTask(start_onboarding, deployment, user_id)
+                if deployment
+                else None,
+            )
         response.delete_cookie(
             COOKIE, path="/", secure=self._secure(request), httponly=True, samesite="lax"
         )
@@ -192,6 +199,17 @@ async def _server_error(request: Request, exc: Exception) -> Response:
         status_code=500,
         headers={**SECURITY_HEADERS, **NO_STORE},
     )
+
+
+def start_onboarding(deployment: str, user_id: str) -> None:
+    """Ask Prefect for the user's first full sync (the `onboard` flow), after the page is
+    sent; a failure here never undoes the consent: the nightly sync picks the user up."""
+    from prefect.deployments import run_deployment  # noqa: PLC0415 (slow; only if configured)
+
+    try:
+        run_deployment(deployment, parameters={"user_id": user_id}, timeout=0)
+    except Exception as exc:
+        log.warning("could not start %s for %s: %s", deployment, user_id, type(exc).__name__)
 
 
 def serve_web(

@@ -1,0 +1,255 @@
+"""What every loop-sync flow shares: the services of a run, the retry rule, batching and
+the run summary with its final state.
+
+Final state, the operators' contract (docs/orchestration.md, "Final states"):
+
+- `Completed` when every user attempted went through (status `ok` in `sync_runs`).
+- `Completed` named **`Partial`** when some users failed or must re-consent but others
+  went through (status `partial`). The run still finished everybody else. It stays of
+  type COMPLETED so that a few users who revoked consent (normal churn at 100k users)
+  don't turn every nightly run red, trigger flow retries or page anyone; the state's
+  name emits its own event, `prefect.flow-run.Partial`, for an automation to count.
+- `Failed` when no user went through although some were attempted, or the run itself
+  stopped (the database went away): that is an outage, and what operators page on
+  (`prefect.flow-run.Failed`).
+
+Services (settings read once, the engine, the token vault) are built once per flow run and
+reach the tasks through a context variable, never as task parameters, so Prefect neither
+hashes nor records them. Tasks run one after another in the flow's thread, so a process
+has one rate budget for Loop at any time; with `shards` workers each takes an equal share
+of the client's rate (`LOOP_SYNC_RATE_LIMIT_RPS / shards`).
+
+Tokens are never parameters, results, artifacts or log lines: every task that may touch
+one uses `cache_policy=NO_CACHE` and `persist_result=False` and returns only counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+import httpx
+from prefect import State, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import TaskRun
+from prefect.states import Completed, Failed
+from prefect.tasks import Task
+from sqlalchemy.exc import OperationalError
+
+from loop_sync.config import load_settings
+from loop_sync.errors import LoopSyncError, ReauthRequired, RefreshOutcomeUnknown, TransientError
+from loop_sync.services import Services
+from loop_sync.sync import (
+    RunSummary,
+    SyncCounts,
+    finish_run,
+    select_users,
+    start_run,
+    sync_users_now,
+)
+
+__all__ = [
+    "BATCH_SIZE",
+    "FAILURES_SHOWN",
+    "TASK_RETRIES",
+    "TASK_RETRY_DELAYS_S",
+    "current_services",
+    "final_state",
+    "publish_summary",
+    "recorded_run",
+    "retry_transient",
+    "run_in_batches",
+    "run_services",
+    "select_active_users",
+    "sync_batch",
+]
+
+BATCH_SIZE = 500  # users per task: ~30 task runs/s is all a SQLite-backed server records
+TASK_RETRIES = 2
+TASK_RETRY_DELAYS_S = [30.0, 120.0]  # Loop or the database had a moment; give it time
+FAILURES_SHOWN = 100  # users listed in the failures artifact; sync_state holds them all
+
+# Failures that say nothing about the users or the data: retrying the task may work.
+TRANSIENT = (
+    TransientError,  # Loop answered 5xx/429 or could not be reached
+    RefreshOutcomeUnknown,  # the next attempt tells what happened to the refresh
+    httpx.TransportError,
+    OperationalError,  # the database dropped the connection or was locked too long
+    ConnectionError,
+    TimeoutError,
+)
+
+_services: ContextVar[Services] = ContextVar("loop_sync_services")
+
+
+@contextmanager
+def run_services(*, rate_share: int = 1) -> Iterator[Services]:
+    """Services for one flow run, from the worker's environment and `.env`; closed after.
+
+    `rate_share` splits the client's rate budget between that many concurrent shards,
+    because Loop limits the client_id, not a process.
+    """
+    services = Services.build(load_settings())
+    if rate_share > 1:
+        settings = services.settings.model_copy(
+            update={"rate_limit_rps": services.settings.rate_limit_rps / rate_share}
+        )
+        services = dataclasses.replace(services, settings=settings)
+    token = _services.set(services)
+    try:
+        yield services
+    finally:
+        _services.reset(token)
+        services.close()
+
+
+def current_services() -> Services:
+    """The services of the flow run this task belongs to."""
+    try:
+        return _services.get()
+    except LookupError:
+        msg = "loop-sync tasks run inside a loop-sync flow (no `run_services()` is active)"
+        raise RuntimeError(msg) from None
+
+
+def retry_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Retry a task only for a transient failure; never a ReauthRequired or a bug."""
+    error = state.data if isinstance(state.data, BaseException) else None
+    if error is None:
+        try:
+            state.result()
+        except Exception as exc:  # we only classify it
+            error = exc
+    return isinstance(error, TRANSIENT) and not isinstance(error, ReauthRequired)
+
+
+def _reason(error: BaseException) -> str:
+    """Why a batch failed, for the summary. Our errors carry no secrets by contract; other
+    messages (a database error may quote its parameters) are reduced to their type."""
+    if isinstance(error, ReauthRequired):
+        return error.reason
+    if isinstance(error, LoopSyncError):
+        return str(error)
+    return f"{type(error).__name__} (see the task run's logs)"
+
+
+@task(
+    name="select-users",
+    task_run_name="select-users",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=TASK_RETRIES,
+    retry_delay_seconds=TASK_RETRY_DELAYS_S,
+    retry_condition_fn=retry_transient,
+)
+def select_active_users(
+    user_ids: Sequence[str] | None = None, shard: int = 0, shards: int = 1
+) -> list[str]:
+    """The active grants this shard syncs (optionally only `user_ids`)."""
+    return select_users(current_services().engine, user_ids, shard=shard, shards=shards)
+
+
+@task(
+    name="sync-batch",
+    task_run_name="sync-batch-{batch}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=TASK_RETRIES,
+    retry_delay_seconds=TASK_RETRY_DELAYS_S,
+    retry_condition_fn=retry_transient,
+)
+def sync_batch(
+    run_id: str, user_ids: list[str], batch: int, concurrency: int | None = None
+) -> SyncCounts:
+    """Pull and write one batch of users, concurrently inside; returns only counts.
+
+    Re-running a batch is safe: each user's rows and sync state commit together.
+    """
+    return sync_users_now(current_services(), run_id, user_ids, concurrency=concurrency)
+
+
+def run_in_batches(
+    summary: RunSummary,
+    user_ids: Sequence[str],
+    batch_size: int,
+    run_batch: Callable[[list[str], int], SyncCounts],
+) -> None:
+    """Feed the users to `run_batch` (a task call) `batch_size` at a time, in order.
+
+    A batch that still fails after its retries counts its users as failed and the run
+    goes on with the next batch: one bad batch never stops the others.
+    """
+    for number, start in enumerate(range(0, len(user_ids), batch_size), start=1):
+        batch = list(user_ids[start : start + batch_size])
+        try:
+            counts = run_batch(batch, number)
+        except Exception as exc:  # recorded, and the run goes on
+            reason = f"batch {number} failed: {_reason(exc)}"
+            counts = SyncCounts(
+                users_attempted=len(batch),
+                users_failed=len(batch),
+                failures=dict.fromkeys(batch, reason),
+            )
+        summary.merge(counts)
+
+
+@contextmanager
+def recorded_run(services: Services, kind: str) -> Iterator[RunSummary]:
+    """A `sync_runs` row for the block, closed with its counts, then published to Prefect.
+
+    If the block raises, the run is recorded as failed (aborted) and the error goes on.
+    """
+    summary = start_run(services.engine, kind)
+    try:
+        yield summary
+    except BaseException:
+        summary.aborted = True
+        raise
+    finally:
+        finish_run(services.engine, summary)
+        publish_summary(summary)
+
+
+def publish_summary(summary: RunSummary) -> None:
+    """The summary as a table artifact (`<kind>-summary`), and the failed users (up to
+    FAILURES_SHOWN) as `<kind>-failures`; counts, user ids and reasons only."""
+    rows: list[dict[str, Any]] = [{"metric": "run_id", "value": summary.run_id}]
+    rows += summary.as_rows()
+    create_table_artifact(
+        table=rows,
+        key=f"{summary.kind}-summary",
+        description=f"loop-sync {summary.kind} run `{summary.run_id}`: {_headline(summary)}",
+    )
+    if summary.failures:
+        shown = sorted(summary.failures.items())[:FAILURES_SHOWN]
+        create_table_artifact(
+            table=[{"user_id": user, "reason": reason} for user, reason in shown],
+            key=f"{summary.kind}-failures",
+            description=(
+                f"{len(shown)} of {len(summary.failures)} users not synced in run "
+                f"`{summary.run_id}`; `sync_state` has every one"
+            ),
+        )
+
+
+def _headline(summary: RunSummary) -> str:
+    return (
+        f"{summary.kind} {summary.status}: {summary.users_succeeded} of "
+        f"{summary.users_attempted} users ok, {summary.users_failed} failed, "
+        f"{summary.users_reauth_required} must re-consent; rows +{summary.rows_inserted} "
+        f"~{summary.rows_updated} -{summary.rows_deleted}, {summary.rows_rejected} rejected"
+    )
+
+
+def final_state(summary: RunSummary) -> State[RunSummary]:
+    """The flow run's final state from its summary; see the module docstring for why."""
+    message = _headline(summary)
+    if summary.status == "ok":
+        return Completed(message=message, data=summary)
+    if summary.status == "partial":
+        return Completed(name="Partial", message=message, data=summary)
+    return Failed(message=message, data=summary)

@@ -1,0 +1,63 @@
+"""Keep-alive: refresh the tokens of grants idle for `idle_days`, sliding Loop's 90-day
+refresh window so that quiet users are never lost. `idle_days=None` refreshes every
+active grant.
+
+One task does the whole rotation: the vault refreshes user by user under per-user leases
+and never stops for one user's failure, so there is no per-user fan-out to pay for. The
+task returns counts only; the summary goes to `sync_runs` (`kind` rotate) and to the
+`rotate-summary` table artifact, where "users ok" means refreshed.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from prefect import State, flow, task
+from prefect.cache_policies import NO_CACHE
+from pydantic import Field
+
+from flows._common import (
+    TASK_RETRIES,
+    TASK_RETRY_DELAYS_S,
+    current_services,
+    final_state,
+    recorded_run,
+    retry_transient,
+    run_services,
+)
+from loop_sync.sync import RunSummary, SyncCounts
+
+
+@task(
+    name="refresh-tokens",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=TASK_RETRIES,
+    retry_delay_seconds=TASK_RETRY_DELAYS_S,
+    retry_condition_fn=retry_transient,
+)
+def refresh_tokens(idle_days: float | None) -> SyncCounts:
+    """Refresh the idle grants; returns how many were refreshed, lost or failed."""
+    report = current_services().vault.rotate(idle_days=idle_days)
+    reauth = set(report.reauth_required)
+    return SyncCounts(
+        users_attempted=len(report.refreshed) + len(report.failed),
+        users_succeeded=len(report.refreshed),
+        users_failed=len(set(report.failed) - reauth),
+        users_reauth_required=len(reauth),
+        failures=dict(report.failed),
+    )
+
+
+@flow(name="rotate-tokens", persist_result=False)
+def rotate_tokens(
+    idle_days: Annotated[float | None, Field(ge=0)] = 30,
+) -> State[RunSummary]:
+    """Refresh idle grants so that they outlive Loop's 90-day window.
+
+    Args:
+        idle_days: only grants not refreshed for this many days; none means every grant.
+    """
+    with run_services() as services, recorded_run(services, "rotate") as summary:
+        summary.merge(refresh_tokens(idle_days))
+    return final_state(summary)

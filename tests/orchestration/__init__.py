@@ -1,0 +1,1 @@
+"""Tests of the Prefect flows, deployments.yaml and `loop-sync serve`."""
