@@ -55,8 +55,7 @@ from loop_sync.sync import (
 __all__ = [
     "BATCH_SIZE",
     "FAILURES_SHOWN",
-    "TASK_RETRIES",
-    "TASK_RETRY_DELAYS_S",
+    "TASK_OPTIONS",
     "current_services",
     "final_state",
     "publish_summary",
@@ -127,6 +126,17 @@ def retry_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) 
     return isinstance(error, TRANSIENT) and not isinstance(error, ReauthRequired)
 
 
+# Every loop-sync task: no cache and no persisted result (tasks touch tokens), and retries
+# for transient failures only.
+TASK_OPTIONS: dict[str, Any] = {
+    "cache_policy": NO_CACHE,
+    "persist_result": False,
+    "retries": TASK_RETRIES,
+    "retry_delay_seconds": TASK_RETRY_DELAYS_S,
+    "retry_condition_fn": retry_transient,
+}
+
+
 def _reason(error: BaseException) -> str:
     """Why a batch failed, for the summary. Our errors carry no secrets by contract; other
     messages (a database error may quote its parameters) are reduced to their type."""
@@ -140,11 +150,7 @@ def _reason(error: BaseException) -> str:
 @task(
     name="select-users",
     task_run_name="select-users",
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    retries=TASK_RETRIES,
-    retry_delay_seconds=TASK_RETRY_DELAYS_S,
-    retry_condition_fn=retry_transient,
+    **TASK_OPTIONS,
 )
 def select_active_users(
     user_ids: Sequence[str] | None = None, shard: int = 0, shards: int = 1
@@ -156,11 +162,7 @@ def select_active_users(
 @task(
     name="sync-batch",
     task_run_name="sync-batch-{batch}",
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    retries=TASK_RETRIES,
-    retry_delay_seconds=TASK_RETRY_DELAYS_S,
-    retry_condition_fn=retry_transient,
+    **TASK_OPTIONS,
 )
 def sync_batch(
     run_id: str, user_ids: list[str], batch: int, concurrency: int | None = None

@@ -17,17 +17,14 @@ from datetime import date
 from typing import Annotated, Literal
 
 from prefect import State, flow, task
-from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
 from flows._common import (
     BATCH_SIZE,
-    TASK_RETRIES,
-    TASK_RETRY_DELAYS_S,
+    TASK_OPTIONS,
     current_services,
     final_state,
     recorded_run,
-    retry_transient,
     run_in_batches,
     run_services,
     select_active_users,
@@ -41,11 +38,7 @@ Mode = Literal["refetch", "replay"]
 @task(
     name="backfill-batch",
     task_run_name="backfill-batch-{batch}",
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    retries=TASK_RETRIES,
-    retry_delay_seconds=TASK_RETRY_DELAYS_S,
-    retry_condition_fn=retry_transient,
+    **TASK_OPTIONS,
 )
 def backfill_batch(
     run_id: str,

@@ -13,17 +13,14 @@ from __future__ import annotations
 from typing import Annotated
 
 from prefect import State, flow, task
-from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 from sqlalchemy import func, select
 
 from flows._common import (
-    TASK_RETRIES,
-    TASK_RETRY_DELAYS_S,
+    TASK_OPTIONS,
     current_services,
     final_state,
     recorded_run,
-    retry_transient,
     run_services,
 )
 from loop_sync.errors import LoopSyncError, ReauthRequired
@@ -33,11 +30,7 @@ from loop_sync.sync import RunSummary, SyncCounts
 
 @task(
     name="purge-user",
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    retries=TASK_RETRIES,
-    retry_delay_seconds=TASK_RETRY_DELAYS_S,
-    retry_condition_fn=retry_transient,
+    **TASK_OPTIONS,
 )
 def purge(user_id: str) -> SyncCounts:
     """Revoke and purge one user; returns the result rows deleted. Safe to repeat."""

@@ -13,16 +13,13 @@ from __future__ import annotations
 from typing import Annotated
 
 from prefect import State, flow, task
-from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
 from flows._common import (
-    TASK_RETRIES,
-    TASK_RETRY_DELAYS_S,
+    TASK_OPTIONS,
     current_services,
     final_state,
     recorded_run,
-    retry_transient,
     run_services,
 )
 from loop_sync.sync import RunSummary, SyncCounts
@@ -30,11 +27,7 @@ from loop_sync.sync import RunSummary, SyncCounts
 
 @task(
     name="refresh-tokens",
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    retries=TASK_RETRIES,
-    retry_delay_seconds=TASK_RETRY_DELAYS_S,
-    retry_condition_fn=retry_transient,
+    **TASK_OPTIONS,
 )
 def refresh_tokens(idle_days: float | None) -> SyncCounts:
     """Refresh the idle grants; returns how many were refreshed, lost or failed."""

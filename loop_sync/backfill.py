@@ -8,7 +8,6 @@ the latest landed version of each record, e.g. after a catalog or normalizer cha
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
@@ -19,7 +18,7 @@ from sqlalchemy import Engine, func, select
 from loop_sync.load import UserPull, write_batch
 from loop_sync.schema import biomarker_results, raw_records
 from loop_sync.services import Services
-from loop_sync.sync import SyncCounts, pull_and_write
+from loop_sync.sync import SyncCounts, sync_users_now
 from loop_sync.vault import utcnow
 
 Mode = Literal["refetch", "replay"]
@@ -61,15 +60,8 @@ def backfill_users(
         kept = [r for r in pull.records if in_window(r, start, end)]
         return UserPull(pull.user_id, kept, complete=False)
 
-    return asyncio.run(
-        pull_and_write(
-            services,
-            run_id,
-            user_ids,
-            concurrency=concurrency or services.settings.concurrency,
-            keep=trim,
-            record_state=False,
-        )
+    return sync_users_now(
+        services, run_id, user_ids, concurrency=concurrency, keep=trim, record_state=False
     )
 
 

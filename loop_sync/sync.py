@@ -196,6 +196,8 @@ def sync_users_now(
     concurrency: int | None = None,
     batch_size: int = BATCH_SIZE,
     progress: Progress | None = None,
+    keep: Callable[[UserPull], UserPull] | None = None,
+    record_state: bool = True,
 ) -> SyncCounts:
     """Pull and write these users within run `run_id`; one user's failure never raises."""
     return asyncio.run(
@@ -206,6 +208,8 @@ def sync_users_now(
             concurrency=concurrency or services.settings.concurrency,
             batch_size=batch_size,
             progress=progress,
+            keep=keep,
+            record_state=record_state,
         )
     )
 
