@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test demo lint lock clean services
+.PHONY: install test demo lint lock clean services bench
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ test: lint services
 
 demo: $(STAMP)
 	$(BIN)/loop-sync demo --dir demo
+
+# The performance benchmark of issue 6 (needs PostgreSQL): a table and PASS/FAIL per target.
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.sync
 
 # Re-pin every dependency after changing pyproject.toml (needs network to PyPI).
 lock:

@@ -1,0 +1,1 @@
+"""Benchmarks of loop-sync against the targets of issue 6: run ``python -m benchmarks.sync``."""

@@ -1,0 +1,200 @@
+"""The write path on PostgreSQL: binary COPY vs. the product's upsert, and raw records end to end.
+
+Everything runs in one scratch schema created by `loop_sync.schema.upgrade`, so both sides
+write into the real `biomarker_results` table with its real keys and indexes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import Engine, text
+
+from benchmarks._common import Records, Report, engine_for, rate, scratch_schema
+from loop_sync.landing import content_hash
+from loop_sync.load import UserPull, _upsert_results, write_batch
+from loop_sync.normalize import normalize
+from loop_sync.schema import RESULT_COLUMN_NAMES, upgrade
+from loop_sync.vault import utcnow
+
+COPY_COLUMNS = [*RESULT_COLUMN_NAMES, "first_seen_at", "last_changed_at", "deleted_at"]
+WAREHOUSE_TABLES = (
+    "biomarker_result_history",
+    "biomarker_results",
+    "raw_records",
+    "rejects",
+    "sync_state",
+)
+
+
+def normalized_frame(records: Records) -> tuple[pd.DataFrame, float]:
+    """The records hashed and normalized once (seconds taken), for the write benchmarks."""
+    users, flat = records.flat()
+    started = time.perf_counter()
+    hashes = [content_hash(record) for record in flat]
+    result = normalize(users, flat, hashes)
+    return result.results.drop_duplicates("result_id", keep="last"), time.perf_counter() - started
+
+
+def _python_column(series: pd.Series) -> list[Any]:
+    """A column as Python values for psycopg, None for missing."""
+    if isinstance(series.dtype, pd.DatetimeTZDtype):
+        return [None if pd.isna(v) else v.to_pydatetime() for v in series]
+    values: list[Any] = series.astype(object).where(series.notna(), None).tolist()
+    return values
+
+
+def copy_rows(frame: pd.DataFrame, now: datetime) -> list[tuple[Any, ...]]:
+    """Rows in COPY_COLUMNS order, prepared before the COPY is timed."""
+    columns = [_python_column(frame[name]) for name in RESULT_COLUMN_NAMES]
+    n = len(frame)
+    columns += [[now] * n, [now] * n, [None] * n]
+    return list(zip(*columns, strict=True))
+
+
+def _pg_types(engine: Engine, table: str) -> list[str]:
+    query = text(
+        "SELECT a.attname, t.typname FROM pg_attribute a JOIN pg_type t ON a.atttypid = t.oid"
+        " WHERE a.attrelid = CAST(:table AS regclass) AND a.attnum > 0 AND NOT a.attisdropped"
+    )
+    with engine.connect() as connection:
+        types: dict[str, str] = dict(connection.execute(query, {"table": table}).tuples().all())
+    return [types[name] for name in COPY_COLUMNS]
+
+
+def binary_copy(engine: Engine, table: str, rows: Sequence[tuple[Any, ...]]) -> float:
+    """psycopg binary COPY of `rows` into `table` in one transaction; seconds taken."""
+    types = _pg_types(engine, table)
+    raw = engine.raw_connection()
+    try:
+        started = time.perf_counter()
+        cursor = raw.cursor()
+        statement = f"COPY {table} ({', '.join(COPY_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
+        with cursor.copy(statement) as copy:
+            copy.set_types(types)
+            for row in rows:
+                copy.write_row(row)
+        raw.commit()
+        return time.perf_counter() - started
+    finally:
+        raw.close()
+
+
+def half_changed(frame: pd.DataFrame) -> pd.DataFrame:
+    """Every other row corrected: a new value, revision and content hash."""
+    changed = frame.copy()
+    every_other = np.arange(len(changed)) % 2 == 0
+    changed.loc[every_other, "value_source"] = changed.loc[every_other, "value_source"] + 1.0
+    changed.loc[every_other, "revision"] = changed.loc[every_other, "revision"] + 1
+    changed.loc[every_other, "content_hash"] = (
+        "z" + changed.loc[every_other, "content_hash"].str[1:]
+    )
+    return changed
+
+
+def user_slices(frame: pd.DataFrame, batch_users: int) -> list[pd.DataFrame]:
+    """The frame cut into batches of `batch_users` users, as `run_sync` writes them."""
+    users = pd.unique(frame["user_id"])
+    batches = []
+    for start in range(0, len(users), batch_users):
+        chosen = set(users[start : start + batch_users])
+        batches.append(frame[frame["user_id"].isin(chosen)])
+    return batches
+
+
+def upsert(engine: Engine, batches: Sequence[pd.DataFrame], now: datetime) -> float:
+    """The product's results upsert (`load._upsert_results`), one transaction per batch."""
+    started = time.perf_counter()
+    for batch in batches:
+        with engine.begin() as connection:
+            _upsert_results(connection, batch, now)
+    return time.perf_counter() - started
+
+
+def end_to_end(engine: Engine, records: Records, batch_users: int, now: datetime) -> float:
+    """`load.write_batch` on raw records (hash, land, normalize, upsert, state); seconds."""
+    pulls = [UserPull(user, recs, complete=True) for user, recs in records.by_user.items()]
+    started = time.perf_counter()
+    for start in range(0, len(pulls), batch_users):
+        write_batch(engine, pulls[start : start + batch_users], run_id="bench", now=now)
+    return time.perf_counter() - started
+
+
+def _count(engine: Engine, table: str) -> int:
+    with engine.connect() as connection:
+        query = text(f"SELECT count(*) FROM {table}")  # noqa: S608 - our own table names
+        return int(connection.execute(query).scalar_one())
+
+
+def _empty_warehouse(engine: Engine) -> None:
+    with engine.begin() as connection:
+        connection.execute(text(f"TRUNCATE {', '.join(WAREHOUSE_TABLES)}"))
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(text(f"VACUUM ANALYZE {', '.join(WAREHOUSE_TABLES)}"))
+
+
+def run(
+    report: Report,
+    database: str,
+    records: Records,
+    *,
+    batch_users: int,
+    end_to_end_too: bool,
+) -> None:
+    """Priority 1 (COPY vs. upsert) and, if asked, priority 2 (raw records end to end)."""
+    section = "write"
+    frame, normalize_s = normalized_frame(records)
+    n = len(frame)
+    report.add(section, "rows (normalized, distinct result_id)", f"{n:,}")
+    report.add(section, "hash + normalize, rows/s (in memory)", f"{rate(n, normalize_s):,.0f}")
+    now = utcnow()
+    rows = copy_rows(frame, now)
+    with scratch_schema(database) as (_, url):
+        engine = engine_for(url)
+        try:
+            upgrade(engine)
+            copy_s = binary_copy(engine, "biomarker_results", rows)
+            copy_rate = rate(n, copy_s)
+            report.add(
+                section, "binary COPY into empty biomarker_results, rows/s", f"{copy_rate:,.0f}"
+            )
+            del rows
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+                connection.execute(text("VACUUM ANALYZE biomarker_results"))
+            batches = user_slices(half_changed(frame), batch_users)
+            upsert_s = upsert(engine, batches, utcnow())
+            upsert_rate = rate(n, upsert_s)
+            ratio = upsert_rate / copy_rate
+            history = _count(engine, "biomarker_result_history")
+            report.add(
+                section,
+                f"upsert, half changed, {batch_users} users/txn, rows/s",
+                f"{upsert_rate:,.0f} ({ratio:.2f}x COPY; {history:,} to history)",
+            )
+            report.target(
+                ratio >= 0.55, f"upsert of {n:,} rows, half changed: {ratio:.2f}x COPY >= 0.55"
+            )
+            if end_to_end_too:
+                _empty_warehouse(engine)
+                e2e_s = end_to_end(engine, records, batch_users, utcnow())
+                total = records.count
+                e2e_rate = rate(total, e2e_s)
+                e2e_ratio = e2e_rate / copy_rate
+                landed = _count(engine, "raw_records")
+                report.add(
+                    section,
+                    "raw -> normalized + landed + upserted, records/s",
+                    f"{e2e_rate:,.0f} ({e2e_ratio:.2f}x COPY; {landed:,} landed)",
+                )
+                report.target(
+                    e2e_ratio >= 0.30,
+                    f"{total:,} raw records -> normalized + landed + upserted: "
+                    f"{e2e_ratio:.2f}x COPY >= 0.30",
+                )
+        finally:
+            engine.dispose()
