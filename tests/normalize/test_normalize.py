@@ -25,6 +25,7 @@ from loop_sync.normalize import (
 )
 from loop_sync.sandbox.data import SyntheticResults
 from loop_sync.schema import RESULT_COLUMN_NAMES
+from tests.normalize.columns import FLOAT_COLUMNS, TEXT_COLUMNS, TIME_COLUMNS
 
 Record = dict[str, Any]
 MISSING = object()  # a key to delete from the base record
@@ -44,16 +45,6 @@ BASE: Record = {
     "loinc": "2089-1",
     "lab": "Quest Diagnostics",
 }
-FLOAT_COLUMNS = {
-    "value_source",
-    "value_canonical",
-    "reference_low_source",
-    "reference_high_source",
-    "reference_low_canonical",
-    "reference_high_canonical",
-}
-TIME_COLUMNS = {"collected_at", "parsed_at", "updated_at"}
-TEXT_COLUMNS = set(RESULT_COLUMN_NAMES) - FLOAT_COLUMNS - TIME_COLUMNS - {"revision"}
 
 
 def record(**changes: Any) -> Record:

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from loop_sync.catalog import load_catalog
 from loop_sync.normalize import FLAGS, REJECT_COLUMNS, REJECT_REASONS, normalize
 from loop_sync.schema import RESULT_COLUMN_NAMES
+from tests.normalize.columns import FLOAT_COLUMNS, TEXT_COLUMNS, TIME_COLUMNS
 
 Record = dict[str, Any]
 CATALOG = load_catalog()
@@ -29,16 +30,6 @@ for _row in CATALOG:
     UNITS_OF.setdefault(_row.loop_code, []).append(_row.unit)
 ODD_REVISIONS = [2.0, 2.5, 2**31, True, "2", float("inf")]
 LOINCS = [*sorted({row.loinc for row in CATALOG}), "13457-7", "1989-3", "0-0"]
-FLOAT_COLUMNS = {
-    "value_source",
-    "value_canonical",
-    "reference_low_source",
-    "reference_high_source",
-    "reference_low_canonical",
-    "reference_high_canonical",
-}
-TIME_COLUMNS = {"collected_at", "parsed_at", "updated_at"}
-TEXT_COLUMNS = set(RESULT_COLUMN_NAMES) - FLOAT_COLUMNS - TIME_COLUMNS - {"revision"}
 SETTINGS = settings(
     max_examples=200,
     deadline=None,
