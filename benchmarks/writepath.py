@@ -17,7 +17,7 @@ from sqlalchemy import Engine, text
 
 from benchmarks._common import Records, Report, engine_for, rate, scratch_schema
 from loop_sync.landing import content_hash
-from loop_sync.load import UserPull, _upsert_results, write_batch
+from loop_sync.load import UserPull, held_results, upsert_results, write_batch
 from loop_sync.normalize import normalize
 from loop_sync.schema import RESULT_COLUMN_NAMES, upgrade
 from loop_sync.vault import utcnow
@@ -108,11 +108,13 @@ def user_slices(frame: pd.DataFrame, batch_users: int) -> list[pd.DataFrame]:
 
 
 def upsert(engine: Engine, batches: Sequence[pd.DataFrame], now: datetime) -> float:
-    """The product's results upsert (`load._upsert_results`), one transaction per batch."""
+    """The product's results upsert (`load.upsert_results` after reading what is held for
+    the batch's users), one transaction per batch."""
     started = time.perf_counter()
     for batch in batches:
         with engine.begin() as connection:
-            _upsert_results(connection, batch, now)
+            held = held_results(connection, batch["user_id"].unique().tolist())
+            upsert_results(connection, batch, held, now)
     return time.perf_counter() - started
 
 

@@ -487,3 +487,28 @@ def test_an_older_revision_never_replaces_a_newer_one(services: Services) -> Non
         history = connection.execute(select(biomarker_result_history.c.id)).all()
     assert tuple(row) == (2, 125.0)
     assert history == []
+
+
+def test_a_result_that_comes_back_is_restored_and_landed_once(services: Services) -> None:
+    """Loop deletes a result, then lists it again unchanged: the row is live again, counted
+    as updated, and its raw content, landed the first time, is not landed twice."""
+    record = {
+        "id": "res_back_test",
+        "patient_id": "pat_0001",
+        "biomarker_code": "ldl-c",
+        "biomarker_name": "LDL",
+        "value": 120.0,
+        "unit": "mg/dL",
+        "status": "normal",
+        "collected_at": "2026-01-02T08:00:00Z",
+        "parsed_at": "2026-01-03T08:00:00Z",
+    }
+    counts = [
+        write_batch(
+            services.engine, [UserPull("usr_0001", pulled, True)], run_id="r", now=utcnow()
+        )
+        for pulled in ([record], [], [record])
+    ]
+    assert [(c.inserted, c.deleted, c.updated) for c in counts] == [(1, 0, 0), (0, 1, 0), (0, 0, 1)]
+    assert list(live(services.engine, "usr_0001")) == ["res_back_test"]
+    assert count(services.engine, raw_records) == 1
