@@ -1,13 +1,17 @@
-"""The sync against a sandbox running in a separate process, on PostgreSQL.
+"""The nightly sync flow against a sandbox in a separate process, on PostgreSQL.
 
-`run` starts ``loop-sync sandbox`` as a subprocess, consents its users headlessly and runs
-each sync in a child process (``python -m benchmarks.live``), which prints its `RunSummary`
-and `resource.getrusage` figures as one JSON line.
+`run` starts ``loop-sync sandbox`` and a Prefect server as subprocesses, consents users
+headlessly through the real onboarding, and runs every sync as the real
+`flows.sync_biomarkers.sync_biomarkers` flow in a child process (``python -m
+benchmarks.live``), which prints the flow's `RunSummary`, its wall time and its
+`resource.getrusage` figures as one JSON line. Between runs the warehouse is emptied
+(grants and tokens kept), so every "first sync" starts from nothing.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import resource
 import socket
@@ -15,7 +19,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -27,12 +32,13 @@ from sqlalchemy import text
 from benchmarks._common import Report, engine_for, rate, scratch_schema
 from loop_sync.config import load_settings
 from loop_sync.sandbox.app import SandboxClient
+from loop_sync.sandbox.authority import user_ids
 from loop_sync.schema import upgrade
 from loop_sync.services import Services
-from loop_sync.sync import run_sync, select_users
 
 MARK = "BENCH_RESULT "
 UNLIMITED_RPS = 100_000.0
+ROOT = Path(__file__).resolve().parents[1]  # where `benchmarks` and `flows` import from
 WIPED = (
     "biomarker_result_history",
     "biomarker_results",
@@ -41,6 +47,8 @@ WIPED = (
     "sync_state",
     "sync_runs",
 )
+# The time split, in the order the data flows; `syncing` is the wall time of the work.
+STAGES = ("rate_wait", "http", "json_decode", "hash", "normalize", "db_write")
 
 
 def _free_port() -> int:
@@ -51,39 +59,23 @@ def _free_port() -> int:
 
 
 @contextmanager
-def sandbox_process(
-    env: dict[str, str], port: int, users: int, results_per_user: int
-) -> Iterator[str]:
-    """``loop-sync sandbox`` in its own process (auto-approve, no latency, no limit yet)."""
-    command = [
-        sys.executable,
-        "-m",
-        "loop_sync",
-        "sandbox",
-        "--port",
-        str(port),
-        "--users",
-        str(users),
-        "--results-per-user",
-        str(results_per_user),
-        "--auto-approve",
-    ]
-    url = f"http://127.0.0.1:{port}"
+def _process(command: list[str], env: dict[str, str], ready: str, what: str) -> Iterator[None]:
+    """A subprocess, once GET `ready` answers 200; terminated afterwards."""
     with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=log)  # noqa: S603
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=log, cwd=ROOT)  # noqa: S603
         try:
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 120
             while True:
                 try:
-                    httpx.get(f"{url}/_sandbox/counters", timeout=2).raise_for_status()
+                    httpx.get(ready, timeout=2).raise_for_status()
                     break
                 except httpx.HTTPError:
                     if process.poll() is not None or time.monotonic() > deadline:
                         log.seek(0)
-                        msg = f"the sandbox did not start: {log.read().decode()[-2000:]}"
+                        msg = f"{what} did not start: {log.read().decode()[-2000:]}"
                         raise RuntimeError(msg) from None
                     time.sleep(0.2)
-            yield url
+            yield
         finally:
             process.terminate()
             try:
@@ -93,38 +85,92 @@ def sandbox_process(
                 process.wait()
 
 
+@contextmanager
+def sandbox_process(env: dict[str, str], users: int, results_per_user: int) -> Iterator[str]:
+    """``loop-sync sandbox`` in its own process (auto-approve); its URL."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "loop_sync", "sandbox", "--port", str(port)]
+    command += ["--users", str(users), "--results-per-user", str(results_per_user)]
+    command += ["--auto-approve"]
+    with _process(command, env, f"{url}/_sandbox/counters", "the sandbox"):
+        yield url
+
+
+@contextmanager
+def prefect_server(env: dict[str, str]) -> Iterator[str]:
+    """A Prefect server of its own (as a deployment has one), SQLite under PREFECT_HOME."""
+    port = _free_port()
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
+    command += ["--port", str(port)]
+    api = f"http://127.0.0.1:{port}/api"
+    with _process(command, env, f"{api}/health", "the Prefect server"):
+        yield api
+
+
 def _counters(url: str) -> tuple[int, int]:
     """(requests, 429s) the sandbox has answered so far, all endpoints and clients."""
     snapshot = httpx.get(f"{url}/_sandbox/counters", timeout=10).json()
-    return sum(snapshot["requests"].values()), sum(snapshot["rate_limited"].values())
+    return snapshot["requests"]["total"], snapshot["rate_limited"]["total"]
 
 
 def _knobs(url: str, **changes: Any) -> None:
     httpx.patch(f"{url}/_sandbox/knobs", json=changes, timeout=10).raise_for_status()
 
 
-def _consent(services: Services, users: list[str]) -> None:
-    """Each user through the real onboarding, the sandbox approving at once."""
-    with httpx.Client(timeout=30) as browser:
-        for user in users:
-            url, binding = services.onboarding.start(user)
-            location = httpx.URL(browser.get(url).headers["location"])
-            services.onboarding.finish(dict(location.params), binding)
+def consent_users(env: dict[str, str], users: Sequence[str]) -> None:
+    """Each user through the real onboarding, the sandbox approving at once (setup, not
+    measured; run in worker processes, since a consent is CPU-bound on both sides)."""
+    with _environment(env):
+        services = Services.build(load_settings())
+    try:
+        with httpx.Client(timeout=30) as browser:
+            for user in users:
+                url, binding = services.onboarding.start(user)
+                location = httpx.URL(browser.get(url).headers["location"])
+                services.onboarding.finish(dict(location.params), binding)
+    finally:
+        services.close()
 
 
-def _child_sync(env: dict[str, str]) -> dict[str, Any]:
-    """One `run_sync` over every active grant, in a child process; its JSON figures."""
-    command = [sys.executable, "-m", "benchmarks.live"]
-    root = Path(__file__).resolve().parents[1]  # where `benchmarks` imports from
-    done = subprocess.run(  # noqa: S603
-        command, env=env, cwd=root, capture_output=True, text=True, check=False
+def _consent(env: dict[str, str], users: Sequence[str]) -> None:
+    workers = 2
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=spawn) as pool:
+        list(pool.map(consent_users, [env] * workers, [users[i::workers] for i in range(workers)]))
+
+
+def _wipe(db_url: str) -> None:
+    engine = engine_for(db_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text(f"TRUNCATE {', '.join(WIPED)}"))
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            connection.execute(text(f"VACUUM ANALYZE {', '.join(WIPED)}"))
+    finally:
+        engine.dispose()
+
+
+def _start_flow(env: dict[str, str], shard: int = 0, shards: int = 1) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", "benchmarks.live", str(shard), str(shards)]
+    return subprocess.Popen(  # noqa: S603
+        command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    for line in done.stdout.splitlines():
+
+
+def _flow_result(process: subprocess.Popen[str]) -> dict[str, Any]:
+    stdout, stderr = process.communicate()
+    for line in stdout.splitlines():
         if line.startswith(MARK):
             found: dict[str, Any] = json.loads(line.removeprefix(MARK))
             return found
-    msg = f"the sync child failed ({done.returncode}): {done.stderr[-3000:]}"
+    msg = f"the sync flow's process failed ({process.returncode}): {stderr[-3000:]}"
     raise RuntimeError(msg)
+
+
+def _flow(env: dict[str, str]) -> dict[str, Any]:
+    """One nightly sync flow run over every active grant, in a child process."""
+    return _flow_result(_start_flow(env))
 
 
 def _records(result: dict[str, Any]) -> int:
@@ -136,6 +182,22 @@ def _records(result: dict[str, Any]) -> int:
     )
 
 
+def _from_429(result: dict[str, Any]) -> int:
+    failures: dict[str, str] = result["failures"]
+    return sum("429" in reason for reason in failures.values())
+
+
+@contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def run(
     report: Report,
     database: str,
@@ -144,114 +206,191 @@ def run(
     results_per_user: int,
     rate_limit: float,
     latency_ms: float,
-    concurrency: int | None,
+    rss_users: tuple[int, int],
 ) -> None:
-    section = "sync"
+    """The sync figures and targets (issue 6, priority 3 and the RSS and overhead targets)."""
     client = SandboxClient()
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    with scratch_schema(database) as (_, db_url):
+    most = max(users, *rss_users)
+    with scratch_schema(database) as (_, db_url), tempfile.TemporaryDirectory() as home:
         env = {
             **os.environ,
             "LOOP_CLIENT_ID": client.client_id,
             "LOOP_CLIENT_SECRET": client.client_secret,
             "LOOP_REDIRECT_URI": client.redirect_uri,
-            "LOOP_ISSUER": url,
-            "LOOP_API_BASE_URL": url,
             "LOOP_SYNC_DATABASE_URL": db_url,
             "LOOP_SYNC_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
+            "PREFECT_HOME": home,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_UI_ENABLED": "false",
+            "PREFECT_LOGGING_LEVEL": "WARNING",
         }
-        if concurrency is not None:
-            env["LOOP_SYNC_CONCURRENCY"] = str(concurrency)
-        saved = dict(os.environ)
-        os.environ.update(env)
-        try:
-            with sandbox_process(env, port, users, results_per_user):
+        env.pop("PREFECT_API_URL", None)
+        started = time.perf_counter()
+        with prefect_server(env) as api, sandbox_process(env, most, results_per_user) as url:
+            env |= {"PREFECT_API_URL": api, "LOOP_ISSUER": url, "LOOP_API_BASE_URL": url}
+            report.add("sync", "sandbox + Prefect server started, s", _secs(started))
+            with _environment(env):
                 services = Services.build(load_settings())
-                try:
-                    upgrade(services.engine)
-                    started = time.perf_counter()
-                    _consent(services, select_sandbox_users(users))
-                    report.add(
-                        section,
-                        "users consented (setup), s",
-                        f"{time.perf_counter() - started:.1f}",
-                    )
-                finally:
-                    services.close()
-                _limited(report, url, env, users=users, rps=rate_limit, latency_ms=latency_ms)
+            try:
+                upgrade(services.engine)
+                consented = 0
+
+                def consent_up_to(count: int) -> None:
+                    nonlocal consented
+                    if count > consented:
+                        began = time.perf_counter()
+                        _consent(env, user_ids(count)[consented:])
+                        report.add(
+                            "setup", f"users {consented + 1}-{count} consented, s", _secs(began)
+                        )
+                        consented = count
+
+                unlimited = {**env, "LOOP_SYNC_RATE_LIMIT_RPS": str(UNLIMITED_RPS)}
+                limited = {**env, "LOOP_SYNC_RATE_LIMIT_RPS": str(rate_limit)}
+                consent_up_to(rss_users[0])
+                _wipe(db_url)
+                small = _flow(unlimited)
+                consent_up_to(users)
+                _wipe(db_url)
+                _knobs(url, latency_ms=latency_ms, rate_limit_rps=rate_limit)
+                _limited(report, url, limited, users=users, rps=rate_limit, latency_ms=latency_ms)
+                _wipe(db_url)
+                _sharded(report, url, limited, rps=rate_limit)
                 _knobs(url, latency_ms=0, rate_limit_rps=None)
                 _wipe(db_url)
-                unlimited = {**env, "LOOP_SYNC_RATE_LIMIT_RPS": str(UNLIMITED_RPS)}
-                first = _child_sync(unlimited)
-                again = _child_sync(unlimited)
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
-    for label, result in (("first sync, no limit", first), ("re-sync, no limit", again)):
-        report.add(
-            section,
-            f"{label}: wall s, records/s",
-            f"{result['wall_s']:.1f} s, {rate(_records(result), result['wall_s']):,.0f}/s "
-            f"(+{result['rows_inserted']:,} new, {result['rows_unchanged']:,} unchanged, "
-            f"{result['users_failed']} failed)",
-        )
-    speedup = first["wall_s"] / again["wall_s"] if again["wall_s"] else float("inf")
-    report.add(section, "re-sync speed-up over first sync (no limit)", f"{speedup:.1f}x")
-    report.target(speedup >= 3, f"re-sync with nothing changed: {speedup:.1f}x faster >= 3x")
+                first = _flow(unlimited)
+                again = _flow(unlimited)
+                _resync(report, first, again)
+                consent_up_to(rss_users[1])
+                _wipe(db_url)
+                large = _flow(unlimited)
+                _memory(report, rss_users, small, large)
+            finally:
+                services.close()
 
 
-def select_sandbox_users(count: int) -> list[str]:
-    from loop_sync.sandbox.authority import user_ids  # noqa: PLC0415
-
-    return user_ids(count)
-
-
-def _wipe(db_url: str) -> None:
-    engine = engine_for(db_url)
-    try:
-        with engine.begin() as connection:
-            connection.execute(text(f"TRUNCATE {', '.join(WIPED)}"))
-    finally:
-        engine.dispose()
+def _secs(since: float) -> str:
+    return f"{time.perf_counter() - since:.1f}"
 
 
 def _limited(
     report: Report, url: str, env: dict[str, str], *, users: int, rps: float, latency_ms: float
 ) -> None:
-    section = "sync"
-    _knobs(url, latency_ms=latency_ms, rate_limit_rps=rps)
+    section = f"L={latency_ms:g}ms"
     requests_before, limited_before = _counters(url)
-    result = _child_sync({**env, "LOOP_SYNC_RATE_LIMIT_RPS": str(rps)})
+    result = _flow(env)
     requests_after, limited_after = _counters(url)
     wall = result["wall_s"]
     requests = requests_after - requests_before
     achieved = rate(requests, wall)
     share = achieved / rps
-    seen = limited_after - limited_before
-    failures: dict[str, str] = result["failures"]
-    from_429 = sum("429" in reason for reason in failures.values())
-    label = f"first sync (L={latency_ms:g} ms, R={rps:g})"
-    report.add(section, f"{label}: wall s", f"{wall:.1f}")
+    from_429 = _from_429(result)
+    report.add(section, f"first sync, {users:,} users, R={rps:g}/s: wall s", f"{wall:.1f}")
     report.add(
         section,
-        "  users ok / failed / reauth",
+        "users ok / failed / reauth",
         f"{result['users_succeeded']} / {result['users_failed']} / "
         f"{result['users_reauth_required']}",
     )
-    report.add(section, "  users/s", f"{rate(result['users_succeeded'], wall):.1f}")
-    report.add(section, "  records/s", f"{rate(_records(result), wall):,.0f}")
+    report.add(section, "users/s", f"{rate(result['users_succeeded'], wall):.1f}")
+    report.add(section, "rows/s", f"{rate(_records(result), wall):,.0f}")
     report.add(
-        section, "  requests, achieved rate vs R", f"{requests:,}, {achieved:.1f}/s = {share:.0%}"
+        section, "requests; achieved rate vs R", f"{requests:,}; {achieved:.1f}/s = {share:.0%}"
     )
-    report.add(section, "  429s seen / 429s that became failures", f"{seen} / {from_429}")
-    report.add(section, "  CPU s per 1,000 users", f"{result['cpu_s'] * 1000 / max(users, 1):.1f}")
     report.add(
-        section, "  peak RSS of the sync process, MiB", f"{result['max_rss_kib'] / 1024:.0f}"
+        section,
+        "429s seen / 429s that became failures",
+        f"{limited_after - limited_before} / {from_429}",
+    )
+    report.add(
+        section,
+        "CPU s of the sync process per 1,000 users",
+        f"{result['cpu_s'] * 1000 / max(users, 1):.1f}",
+    )
+    report.add(section, "peak RSS of the sync process, MiB", f"{result['max_rss_kib'] / 1024:.0f}")
+    seconds: dict[str, float] = result["seconds"]
+    for stage in STAGES:
+        spent = seconds.get(stage, 0.0)
+        report.add(
+            section, f"time split: {stage}, s (share of wall)", f"{spent:.1f} ({spent / wall:.0%})"
+        )
+    overhead = _overhead(result)
+    report.add(
+        section,
+        "time split: orchestration overhead, s (share of wall)",
+        f"{wall * overhead:.2f} ({overhead:.1%})",
     )
     report.target(
         share >= 0.90 and from_429 == 0,
         f"request rate {share:.0%} of R >= 90%, {from_429} 429s became failures (0)",
+    )
+    report.target(overhead < 0.05, f"orchestration overhead {overhead:.1%} of wall time < 5%")
+
+
+def _overhead(result: dict[str, Any]) -> float:
+    """The share of the flow's wall time spent outside the sync work itself: Prefect
+    (flow and task runs, states, artifacts) and our bookkeeping (sync_runs, selection)."""
+    wall: float = result["wall_s"]
+    syncing: float = result["seconds"].get("syncing", 0.0)
+    return max(0.0, wall - syncing) / wall if wall else 0.0
+
+
+def _sharded(report: Report, url: str, env: dict[str, str], *, rps: float) -> None:
+    section = "shards=2"
+    requests_before, limited_before = _counters(url)
+    processes = [_start_flow(env, shard, 2) for shard in range(2)]
+    results = [_flow_result(process) for process in processes]
+    requests_after, limited_after = _counters(url)
+    began = min(result["started_at"] for result in results)
+    ended = max(result["ended_at"] for result in results)
+    achieved = rate(requests_after - requests_before, ended - began)
+    share = achieved / rps
+    from_429 = sum(_from_429(result) for result in results)
+    walls = " / ".join(f"{result['wall_s']:.1f}" for result in results)
+    counts = " + ".join(str(result["users_attempted"]) for result in results)
+    report.add(section, "users per shard; wall s per shard", f"{counts}; {walls}")
+    report.add(section, "combined request rate vs R", f"{achieved:.1f}/s = {share:.0%}")
+    report.add(
+        section,
+        "429s seen / 429s that became failures",
+        f"{limited_after - limited_before} / {from_429}",
+    )
+    report.target(
+        0.85 <= share <= 1.0 and from_429 == 0,
+        f"shards=2 in two processes: combined rate {share:.0%} of R within 85-100%",
+    )
+
+
+def _resync(report: Report, first: dict[str, Any], again: dict[str, Any]) -> None:
+    section = "no limit"
+    for label, result in (("first sync", first), ("re-sync, nothing changed", again)):
+        report.add(
+            section,
+            f"{label}: wall s, records/s",
+            f"{result['wall_s']:.1f}, {rate(_records(result), result['wall_s']):,.0f}/s "
+            f"(+{result['rows_inserted']:,} new, {result['rows_unchanged']:,} unchanged, "
+            f"{result['users_failed']} failed)",
+        )
+    speedup = first["wall_s"] / again["wall_s"] if again["wall_s"] else float("inf")
+    report.add(section, "re-sync speed-up over the first sync", f"{speedup:.1f}x")
+    report.target(speedup >= 3, f"re-sync with nothing changed: {speedup:.1f}x faster >= 3x")
+
+
+def _memory(
+    report: Report, users: tuple[int, int], small: dict[str, Any], large: dict[str, Any]
+) -> None:
+    section = "memory"
+    rss = [result["max_rss_kib"] / 1024 for result in (small, large)]
+    for count, result, mib in zip(users, (small, large), rss, strict=True):
+        report.add(
+            section,
+            f"first sync of {count:,} users (no limit): peak RSS MiB, wall s",
+            f"{mib:.0f}, {result['wall_s']:.1f}",
+        )
+    growth = rss[1] / rss[0]
+    report.target(
+        growth <= 1.25,
+        f"peak RSS {users[0]:,} vs {users[1]:,} users: {growth:.2f}x within 1.25x",
     )
 
 
@@ -268,22 +407,33 @@ def _peak_rss_kib(maxrss: int) -> int:
     return maxrss
 
 
-def child_main() -> None:
-    """In the child: sync every active grant once and print the figures as JSON."""
-    services = Services.build(load_settings())
-    try:
-        user_ids = select_users(services.engine)
-        before = resource.getrusage(resource.RUSAGE_SELF)
-        started = time.perf_counter()
-        summary = run_sync(services, user_ids)
-        wall = time.perf_counter() - started
-        after = resource.getrusage(resource.RUSAGE_SELF)
-    finally:
-        services.close()
+def child_main(shard: int, shards: int) -> None:
+    """In the child: one run of the nightly flow; its figures as one JSON line."""
+    from prefect.client.orchestration import get_client  # noqa: PLC0415
+
+    from flows.sync_biomarkers import sync_biomarkers  # noqa: PLC0415
+    from loop_sync.sync import RunSummary  # noqa: PLC0415
+
+    with get_client(sync_client=True) as prefect:  # the server is up, as in production
+        prefect.hello()
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    started_at = time.time()
+    started = time.perf_counter()
+    state = sync_biomarkers(shard=shard, shards=shards, return_state=True)
+    wall = time.perf_counter() - started
+    ended_at = time.time()
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    summary = state.result(raise_on_failure=False)
+    if not isinstance(summary, RunSummary):
+        msg = f"the flow ended {state.name} without a summary: {summary!r}"
+        raise SystemExit(msg)
     figures = {
         "wall_s": wall,
+        "started_at": started_at,
+        "ended_at": ended_at,
         "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
         "max_rss_kib": _peak_rss_kib(after.ru_maxrss),
+        "users_attempted": summary.users_attempted,
         "users_succeeded": summary.users_succeeded,
         "users_failed": summary.users_failed,
         "users_reauth_required": summary.users_reauth_required,
@@ -292,9 +442,10 @@ def child_main() -> None:
         "rows_unchanged": summary.rows_unchanged,
         "rows_rejected": summary.rows_rejected,
         "failures": summary.failures,
+        "seconds": summary.seconds,
     }
     print(MARK + json.dumps(figures), flush=True)
 
 
 if __name__ == "__main__":
-    child_main()
+    child_main(int(sys.argv[1]), int(sys.argv[2]))

@@ -25,7 +25,6 @@ one uses `cache_policy=NO_CACHE` and `persist_result=False` and returns only cou
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -92,12 +91,12 @@ def run_services(*, rate_share: int = 1) -> Iterator[Services]:
     `rate_share` splits the client's rate budget between that many concurrent shards,
     because Loop limits the client_id, not a process.
     """
-    services = Services.build(load_settings())
+    settings = load_settings()
     if rate_share > 1:
-        settings = services.settings.model_copy(
-            update={"rate_limit_rps": services.settings.rate_limit_rps / rate_share}
+        settings = settings.model_copy(
+            update={"rate_limit_rps": settings.rate_limit_rps / rate_share}
         )
-        services = dataclasses.replace(services, settings=settings)
+    services = Services.build(settings)
     token = _services.set(services)
     try:
         yield services

@@ -89,7 +89,7 @@ class Settings(BaseSettings):
     )
     encryption_keys: SecretStr = Field(validation_alias="LOOP_SYNC_ENCRYPTION_KEYS")
     rate_limit_rps: float = Field(10.0, gt=0, validation_alias="LOOP_SYNC_RATE_LIMIT_RPS")
-    concurrency: int = Field(8, ge=1, le=256, validation_alias="LOOP_SYNC_CONCURRENCY")
+    concurrency: int = Field(32, ge=1, le=256, validation_alias="LOOP_SYNC_CONCURRENCY")
     page_size: int = Field(
         contract.PAGE_LIMIT_MAX,
         ge=1,

@@ -1,18 +1,23 @@
 """A sync run: pull users' results from Loop and write them, batch by batch.
 
-Users go in batches. Inside a batch they are fetched concurrently under one rate budget
-for the client_id; the batch is then written in one transaction while the next batch is
-being fetched. One user's failure is recorded in their sync state and never stops the
-others. The CLI and the Prefect flows both call `run_sync`.
+A pipeline with two ends. `concurrency` fetchers pull users one after another, all under
+the process's rate budget for the client_id, and hand each finished pull to a bounded
+queue; one writer takes whatever the queue holds (up to `batch_size` users) and writes it
+in one transaction, in a thread, while the fetchers go on. So the request rate never
+waits for a slow user or a write, and memory holds at most a few batches, whatever the
+number of users. One user's failure is recorded in their sync state and never stops the
+others. The CLI and the Prefect flows both call `run_sync` or `sync_users_now`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 import uuid
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 
@@ -21,12 +26,11 @@ from sqlalchemy import Engine, select, update
 from loop_sync.client import LoopClient
 from loop_sync.errors import LoopSyncError, ReauthRequired
 from loop_sync.load import LoadCounts, UserPull, record_failure, write_batch
-from loop_sync.ratelimit import RateBudget
 from loop_sync.schema import GRANT_ACTIVE, grants, sync_runs
 from loop_sync.services import Services
 from loop_sync.vault import utcnow
 
-BATCH_SIZE = 50
+BATCH_SIZE = 200  # users per transaction at most: ~20k rows, where the write path levels off
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 
@@ -45,6 +49,10 @@ class SyncCounts:
     rows_rejected: int = 0
     rows_unchanged: int = 0
     failures: dict[str, str] = field(default_factory=dict)
+    # Where the time went, summed over users and batches (fetches overlap each other and
+    # the writes): rate_wait, http, json_decode, hash, normalize, db_write, and `syncing`,
+    # the wall time inside `pull_and_write`, which the rest of a run's time is overhead to.
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def add(self, counts: LoadCounts) -> None:
         self.rows_inserted += counts.inserted
@@ -52,11 +60,21 @@ class SyncCounts:
         self.rows_deleted += counts.deleted
         self.rows_rejected += counts.rejected
         self.rows_unchanged += counts.unchanged
+        self.spent(counts.seconds)
+
+    def spent(self, seconds: Mapping[str, float]) -> None:
+        for stage, spent in seconds.items():
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + spent
 
     def merge(self, other: SyncCounts) -> None:
-        for name in (f.name for f in fields(SyncCounts) if f.name != "failures"):
+        for name in _counters():
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.failures.update(other.failures)
+        self.spent(other.seconds)
+
+
+def _counters() -> Iterator[str]:
+    return (f.name for f in fields(SyncCounts) if f.name not in ("failures", "seconds"))
 
 
 @dataclass(kw_only=True)
@@ -80,11 +98,14 @@ class RunSummary(SyncCounts):
 
     def as_rows(self) -> list[dict[str, str | int | float]]:
         """The summary as metric/value rows, e.g. for a table artifact."""
-        names = [f.name for f in fields(SyncCounts) if f.name != "failures"]
         rows: list[dict[str, str | int | float]] = [
             {"metric": "status", "value": self.status},
-            *({"metric": name, "value": getattr(self, name)} for name in names),
+            *({"metric": name, "value": getattr(self, name)} for name in _counters()),
             {"metric": "duration_s", "value": round(self.duration_s, 3)},
+        ]
+        rows += [
+            {"metric": f"seconds_{stage}", "value": round(spent, 3)}
+            for stage, spent in sorted(self.seconds.items())
         ]
         return rows
 
@@ -225,57 +246,92 @@ async def pull_and_write(
     keep: Callable[[UserPull], UserPull] | None = None,
     record_state: bool = True,
 ) -> SyncCounts:
-    """Fetch batch k+1 while batch k is written. `keep` may trim a pull (backfill windows)."""
-    counts = SyncCounts(users_attempted=len(user_ids))
-    budget = RateBudget(services.settings.rate_limit_rps)
-    gate = asyncio.Semaphore(concurrency)
-    writing: asyncio.Task[LoadCounts] | None = None
-    written = 0
-    done = 0
-    async with LoopClient(services.settings, services.vault, budget) as client:
-        for start in range(0, len(user_ids), batch_size):
-            batch = user_ids[start : start + batch_size]
-            results = await asyncio.gather(*(_fetch(client, gate, u) for u in batch))
-            pulls = [pull for pull in results if isinstance(pull, UserPull)]
-            if keep is not None:
-                pulls = [keep(pull) for pull in pulls]
-            for user_id, outcome in zip(batch, results, strict=True):
-                if not isinstance(outcome, UserPull):
+    """Fetch and write at once (see the module docstring). `keep` may trim a pull
+    (backfill windows). A write that fails stops the run and raises its error."""
+    started = time.perf_counter()
+    pipe = _Pipeline(services, run_id, SyncCounts(users_attempted=len(user_ids)), batch_size)
+    async with LoopClient(
+        services.settings, services.vault, services.budget, concurrency=concurrency
+    ) as client:
+        fetching = asyncio.create_task(pipe.fetch_all(client, user_ids, concurrency, keep))
+        writing = asyncio.create_task(pipe.write_all(record_state, progress))
+        try:
+            await asyncio.gather(fetching, writing)
+        finally:  # one end failed: stop the other before the error goes up
+            for task in (fetching, writing):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+    pipe.counts.spent({"syncing": time.perf_counter() - started})
+    return pipe.counts
+
+
+@dataclass
+class _Pipeline:
+    """The two ends of `pull_and_write` and the bounded queue between them."""
+
+    services: Services
+    run_id: str
+    counts: SyncCounts
+    batch_size: int
+    pulled: asyncio.Queue[UserPull | None] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pulled = asyncio.Queue(maxsize=self.batch_size)
+
+    async def fetch_all(
+        self,
+        client: LoopClient,
+        user_ids: Sequence[str],
+        concurrency: int,
+        keep: Callable[[UserPull], UserPull] | None,
+    ) -> None:
+        """`concurrency` fetchers take the next user as soon as they are free."""
+        waiting = iter(user_ids)
+
+        async def fetcher() -> None:
+            for user_id in waiting:  # shared: each user goes to exactly one fetcher
+                try:
+                    fetched = await client.fetch_results(user_id)
+                except LoopSyncError as exc:
                     await asyncio.to_thread(
-                        _fail, services.engine, counts, user_id, outcome, run_id
+                        _fail, self.services.engine, self.counts, user_id, exc, self.run_id
                     )
-            if writing is not None:
-                counts.add(await writing)
-                counts.users_succeeded += written
-            writing = asyncio.create_task(
-                asyncio.to_thread(
+                    continue
+                self.counts.spent(fetched.seconds)
+                pull = UserPull(user_id, fetched.records, fetched.complete)
+                await self.pulled.put(keep(pull) if keep is not None else pull)
+
+        await asyncio.gather(*(fetcher() for _ in range(concurrency)))
+        await self.pulled.put(None)  # the end
+
+    async def write_all(self, record_state: bool, progress: Progress | None) -> None:
+        """Write what has been pulled, up to `batch_size` users a transaction, to the end."""
+        finished = False
+        while not finished:
+            batch: list[UserPull] = []
+            pull = await self.pulled.get()
+            while pull is not None:
+                batch.append(pull)
+                if len(batch) >= self.batch_size or self.pulled.empty():
+                    break
+                pull = self.pulled.get_nowait()
+            finished = pull is None
+            if batch:
+                loaded = await asyncio.to_thread(
                     write_batch,
-                    services.engine,
-                    pulls,
-                    run_id=run_id,
+                    self.services.engine,
+                    batch,
+                    run_id=self.run_id,
                     now=utcnow(),
                     record_state=record_state,
                 )
-            )
-            written = len(pulls)
-            done += len(batch)
+                self.counts.add(loaded)
+                self.counts.users_succeeded += len(batch)
             if progress is not None:
-                progress(done, len(user_ids))
-        if writing is not None:
-            counts.add(await writing)
-            counts.users_succeeded += written
-    return counts
-
-
-async def _fetch(
-    client: LoopClient, gate: asyncio.Semaphore, user_id: str
-) -> UserPull | LoopSyncError:
-    async with gate:
-        try:
-            fetched = await client.fetch_results(user_id)
-        except LoopSyncError as exc:
-            return exc
-    return UserPull(user_id, fetched.records, fetched.complete)
+                counts = self.counts
+                done = counts.users_succeeded + counts.users_failed + counts.users_reauth_required
+                progress(done, counts.users_attempted)
 
 
 def _fail(

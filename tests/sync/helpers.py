@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +31,7 @@ def fast(settings: Settings, **overrides: Any) -> Settings:
 
 def with_settings(services: Services, **overrides: Any) -> Services:
     """The same services (engine, vault) with some settings changed for a run."""
-    return dataclasses.replace(services, settings=fast(services.settings, **overrides))
+    return services.with_settings(fast(services.settings, **overrides))
 
 
 def consent(services: Services, *user_ids: str) -> None:

@@ -504,9 +504,7 @@ def test_a_result_that_comes_back_is_restored_and_landed_once(services: Services
         "parsed_at": "2026-01-03T08:00:00Z",
     }
     counts = [
-        write_batch(
-            services.engine, [UserPull("usr_0001", pulled, True)], run_id="r", now=utcnow()
-        )
+        write_batch(services.engine, [UserPull("usr_0001", pulled, True)], run_id="r", now=utcnow())
         for pulled in ([record], [], [record])
     ]
     assert [(c.inserted, c.deleted, c.updated) for c in counts] == [(1, 0, 0), (0, 1, 0), (0, 0, 1)]
