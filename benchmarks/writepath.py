@@ -16,10 +16,11 @@ import pandas as pd
 from sqlalchemy import Engine, text
 
 from benchmarks._common import Records, Report, engine_for, rate, scratch_schema
+from loop_sync.db import bulk_insert
 from loop_sync.landing import content_hash
-from loop_sync.load import UserPull, held_results, upsert_results, write_batch
+from loop_sync.load import UserPull, driver_values, held_results, upsert_results, write_batch
 from loop_sync.normalize import normalize
-from loop_sync.schema import RESULT_COLUMN_NAMES, upgrade
+from loop_sync.schema import RESULT_COLUMN_NAMES, biomarker_results, upgrade
 from loop_sync.vault import utcnow
 
 COPY_COLUMNS = [*RESULT_COLUMN_NAMES, "first_seen_at", "last_changed_at", "deleted_at"]
@@ -41,48 +42,20 @@ def normalized_frame(records: Records) -> tuple[pd.DataFrame, float]:
     return result.results.drop_duplicates("result_id", keep="last"), time.perf_counter() - started
 
 
-def _python_column(series: pd.Series) -> list[Any]:
-    """A column as Python values for psycopg, None for missing."""
-    if isinstance(series.dtype, pd.DatetimeTZDtype):
-        return [None if pd.isna(v) else v.to_pydatetime() for v in series]
-    values: list[Any] = series.astype(object).where(series.notna(), None).tolist()
-    return values
-
-
 def copy_rows(frame: pd.DataFrame, now: datetime) -> list[tuple[Any, ...]]:
     """Rows in COPY_COLUMNS order, prepared before the COPY is timed."""
-    columns = [_python_column(frame[name]) for name in RESULT_COLUMN_NAMES]
+    columns = [driver_values(frame[name]) for name in RESULT_COLUMN_NAMES]
     n = len(frame)
     columns += [[now] * n, [now] * n, [None] * n]
     return list(zip(*columns, strict=True))
 
 
-def _pg_types(engine: Engine, table: str) -> list[str]:
-    query = text(
-        "SELECT a.attname, t.typname FROM pg_attribute a JOIN pg_type t ON a.atttypid = t.oid"
-        " WHERE a.attrelid = CAST(:table AS regclass) AND a.attnum > 0 AND NOT a.attisdropped"
-    )
-    with engine.connect() as connection:
-        types: dict[str, str] = dict(connection.execute(query, {"table": table}).tuples().all())
-    return [types[name] for name in COPY_COLUMNS]
-
-
-def binary_copy(engine: Engine, table: str, rows: Sequence[tuple[Any, ...]]) -> float:
-    """psycopg binary COPY of `rows` into `table` in one transaction; seconds taken."""
-    types = _pg_types(engine, table)
-    raw = engine.raw_connection()
-    try:
-        started = time.perf_counter()
-        cursor = raw.cursor()
-        statement = f"COPY {table} ({', '.join(COPY_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
-        with cursor.copy(statement) as copy:
-            copy.set_types(types)
-            for row in rows:
-                copy.write_row(row)
-        raw.commit()
-        return time.perf_counter() - started
-    finally:
-        raw.close()
+def binary_copy(engine: Engine, rows: Sequence[tuple[Any, ...]]) -> float:
+    """Binary COPY of `rows` into biomarker_results in one transaction; seconds taken."""
+    started = time.perf_counter()
+    with engine.begin() as connection:
+        bulk_insert(connection, biomarker_results, COPY_COLUMNS, rows)
+    return time.perf_counter() - started
 
 
 def half_changed(frame: pd.DataFrame) -> pd.DataFrame:
@@ -160,7 +133,7 @@ def run(
         engine = engine_for(url)
         try:
             upgrade(engine)
-            copy_s = binary_copy(engine, "biomarker_results", rows)
+            copy_s = binary_copy(engine, rows)
             copy_rate = rate(n, copy_s)
             report.add(
                 section, "binary COPY into empty biomarker_results, rows/s", f"{copy_rate:,.0f}"
