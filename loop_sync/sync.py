@@ -31,6 +31,7 @@ from loop_sync.services import Services
 from loop_sync.vault import utcnow
 
 BATCH_SIZE = 200  # users per transaction at most: ~20k rows, where the write path levels off
+BATCH_LINGER_S = 1.0  # how long a batch waits to fill up before it is written
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 
@@ -306,16 +307,25 @@ class _Pipeline:
         await self.pulled.put(None)  # the end
 
     async def write_all(self, record_state: bool, progress: Progress | None) -> None:
-        """Write what has been pulled, up to `batch_size` users a transaction, to the end."""
+        """Write what has been pulled, up to `batch_size` users a transaction, to the end.
+
+        A batch waits up to BATCH_LINGER_S for more users after its first: a transaction
+        has a fixed cost (a lock, three reads, the sync state), and many tiny ones would
+        take the process's CPU from the fetchers whenever writing is quicker than fetching.
+        """
         finished = False
         while not finished:
             batch: list[UserPull] = []
             pull = await self.pulled.get()
+            closes = time.monotonic() + BATCH_LINGER_S
             while pull is not None:
                 batch.append(pull)
-                if len(batch) >= self.batch_size or self.pulled.empty():
+                if len(batch) >= self.batch_size:
                     break
-                pull = self.pulled.get_nowait()
+                try:
+                    pull = await asyncio.wait_for(self.pulled.get(), closes - time.monotonic())
+                except TimeoutError:
+                    break
             finished = pull is None
             if batch:
                 loaded = await asyncio.to_thread(
