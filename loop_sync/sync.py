@@ -31,7 +31,7 @@ from loop_sync.services import Services
 from loop_sync.vault import utcnow
 
 BATCH_SIZE = 200  # users per transaction at most: ~20k rows, where the write path levels off
-BATCH_LINGER_S = 1.0  # how long a batch waits to fill up before it is written
+BATCH_LINGER_S = 0.25  # how long a batch waits to fill up before it is written
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 
@@ -309,9 +309,10 @@ class _Pipeline:
     async def write_all(self, record_state: bool, progress: Progress | None) -> None:
         """Write what has been pulled, up to `batch_size` users a transaction, to the end.
 
-        A batch waits up to BATCH_LINGER_S for more users after its first: a transaction
-        has a fixed cost (a lock, three reads, the sync state), and many tiny ones would
-        take the process's CPU from the fetchers whenever writing is quicker than fetching.
+        A batch takes what is waiting, then up to BATCH_LINGER_S more for users still
+        coming: a transaction has a fixed cost (a lock, three reads, the sync state), and
+        many tiny ones would take the process's CPU from the fetchers whenever writing is
+        quicker than fetching.
         """
         finished = False
         while not finished:
@@ -322,8 +323,14 @@ class _Pipeline:
                 batch.append(pull)
                 if len(batch) >= self.batch_size:
                     break
+                if not self.pulled.empty():
+                    pull = self.pulled.get_nowait()
+                    continue
+                remaining = closes - time.monotonic()
+                if remaining <= 0:
+                    break
                 try:
-                    pull = await asyncio.wait_for(self.pulled.get(), closes - time.monotonic())
+                    pull = await asyncio.wait_for(self.pulled.get(), remaining)
                 except TimeoutError:
                     break
             finished = pull is None
