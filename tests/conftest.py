@@ -39,7 +39,10 @@ def fernet_key() -> str:
 
 @pytest.fixture
 def sandbox_config() -> SandboxConfig:
-    return SandboxConfig(users=5, seed=7, results_per_user=30, knobs=Knobs(auto_approve=True))
+    """Loop's clock is frozen: what it lists changes only when a test advances the clock."""
+    return SandboxConfig(
+        users=5, seed=7, results_per_user=30, knobs=Knobs(auto_approve=True), frozen_clock=True
+    )
 
 
 @pytest.fixture(scope="session")

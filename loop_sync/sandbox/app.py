@@ -61,6 +61,7 @@ class SandboxConfig:
     results_per_user: int = 40
     knobs: Knobs = field(default_factory=Knobs)
     client: SandboxClient = field(default_factory=SandboxClient)
+    frozen_clock: bool = False  # time moves only when advanced: for runs a test compares
 
 
 class Sandbox:
@@ -69,7 +70,7 @@ class Sandbox:
     def __init__(self, config: SandboxConfig, issuer: str) -> None:
         self.config = config
         self.issuer = issuer.rstrip("/")
-        self.clock = Clock()
+        self.clock = Clock(frozen=config.frozen_clock)
         self.counters = Counters()
         self.knobs = config.knobs.model_copy(deep=True)
         self.authority = Authority(

@@ -1,7 +1,9 @@
-"""The sandbox's clock: real time plus an offset that tests advance.
+"""The sandbox's clock: real time plus an offset that tests advance, or a frozen instant.
 
 Tokens, codes and results all read this one clock, so advancing it a day expires access
-tokens and reveals the day's new results and corrections together, as on Loop.
+tokens and reveals the day's new results and corrections together, as on Loop. Frozen, it
+moves only when advanced: results parsed or corrected "now" cannot appear between two
+reads that a test compares.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from datetime import UTC, datetime, timedelta
 
 
 class Clock:
-    def __init__(self) -> None:
+    def __init__(self, *, frozen: bool = False) -> None:
         self._offset = timedelta()
+        self._frozen_at = datetime.now(UTC) if frozen else None
         self._lock = threading.Lock()
 
     def now(self) -> datetime:
-        return datetime.now(UTC) + self._offset
+        return (self._frozen_at or datetime.now(UTC)) + self._offset
 
     def advance(self, seconds: float) -> datetime:
         if seconds < 0:

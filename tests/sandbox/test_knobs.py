@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from loop_sync.sandbox import Sandbox
+from loop_sync.sandbox.clock import Clock
 
 from .helpers import (
     IGNORE_EDDSA_WARNING,
@@ -394,6 +395,18 @@ def test_advancing_the_clock_over_http_expires_access_tokens(
     after = datetime.fromisoformat(moved.json()["now"])
     assert 3601 <= (after - before).total_seconds() < 3661
     assert api_error(biomarkers(http, tokens.access_token), 401) == "invalid_token"
+
+
+def test_a_frozen_clock_moves_only_when_advanced() -> None:
+    """Frozen, what Loop lists cannot change between two reads a test compares (a result
+    parsed between a killed run and its clean twin once failed CI); running, it keeps time."""
+    frozen, running = Clock(frozen=True), Clock()
+    held, started = frozen.now(), running.now()
+    time.sleep(0.02)
+    assert frozen.now() == held
+    assert running.now() - started >= timedelta(seconds=0.02)
+    assert frozen.advance(DAY) == held + timedelta(days=1)
+    assert frozen.now() == held + timedelta(days=1)
 
 
 def test_admin_results_endpoint_serves_the_ground_truth(

@@ -21,8 +21,11 @@ from tests.sync.helpers import consent, fast
 @pytest.fixture
 def sandbox_config() -> SandboxConfig:
     """12 users with 60 results each; seed 6 has corrections and deletions soon after a
-    month, and results collected without a time zone."""
-    return SandboxConfig(users=12, seed=6, results_per_user=60, knobs=Knobs(auto_approve=True))
+    month, and results collected without a time zone. Loop's clock is frozen, so what it
+    lists changes only when a test advances it."""
+    return SandboxConfig(
+        users=12, seed=6, results_per_user=60, knobs=Knobs(auto_approve=True), frozen_clock=True
+    )
 
 
 @pytest.fixture

@@ -37,8 +37,15 @@ KILL_POINTS = [
 
 @pytest.fixture
 def sandbox_config() -> SandboxConfig:
-    """12 users with 30 results each: several pages per user, six batches per run."""
-    return SandboxConfig(users=USERS, seed=6, results_per_user=30, knobs=Knobs(auto_approve=True))
+    """12 users with 30 results each: several pages per user, six batches per run. The clock
+    is frozen: a result Loop parses between the killed run and the clean one would differ."""
+    return SandboxConfig(
+        users=USERS,
+        seed=6,
+        results_per_user=30,
+        knobs=Knobs(auto_approve=True),
+        frozen_clock=True,
+    )
 
 
 def worker_env(settings: Settings) -> dict[str, str]:
