@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import re
@@ -68,12 +69,15 @@ class FetchResult:
     """A user's raw records as Loop sent them, first-seen order, deduped by `id`.
 
     `complete` is True only if `total` held still for a whole pull: only then may ids
-    missing from `records` be soft-deleted.
+    missing from `records` be soft-deleted, and only then is there a `digest`: the
+    SHA-256 of the pull's page bodies, which tells a writer that nothing changed since a
+    pull with the same digest without looking at a single record.
     """
 
     user_id: str
     records: list[Any]
     complete: bool
+    digest: str | None
     requests: int
     retries: int
     throttled: int
@@ -149,7 +153,9 @@ class VaultAuth(httpx.Auth):
     async def async_auth_flow(
         self, request: httpx.Request
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
-        token = await asyncio.to_thread(self.vault.access_token, self.user_id)
+        token = self.vault.cached(self.user_id) or await asyncio.to_thread(
+            self.vault.access_token, self.user_id
+        )
         request.headers["Authorization"] = f"Bearer {token}"
         self.requests += 1
         self.rate_wait_s += await self.budget.acquire()
@@ -181,6 +187,7 @@ class _Run:
     http_s: float = 0.0  # awaiting Loop's answers, rate-budget waits excluded
     decode_s: float = 0.0
     seen: dict[tuple[str, str], Any] = field(default_factory=dict)
+    bodies: hashlib._Hash = field(default_factory=hashlib.sha256)  # this pull's pages
 
 
 class LoopClient:
@@ -257,7 +264,7 @@ class LoopClient:
     async def _pull(self, run: _Run) -> FetchResult:
         pulls = 1 + self.policy.repulls
         for pull in range(1, pulls + 1):
-            run.seen = {}
+            run.seen, run.bodies = {}, hashlib.sha256()
             if await self._pull_once(run, last=pull == pulls):
                 return self._result(run, complete=True)
             log.info("user %s: total changed during pull %d of %d", run.user_id, pull, pulls)
@@ -269,6 +276,7 @@ class LoopClient:
             run.user_id,
             list(run.seen.values()),
             complete,
+            run.bodies.hexdigest() if complete else None,
             run.auth.requests,
             run.retries,
             run.throttled,
@@ -334,7 +342,9 @@ class LoopClient:
                     outcome = response
                 else:
                     try:
-                        return parse_page(response)
+                        page = parse_page(response)
+                        run.bodies.update(response.content)
+                        return page
                     except MalformedPage as exc:
                         outcome = exc
                     finally:

@@ -55,11 +55,13 @@ _STAGED = (*RESULT_COLUMN_NAMES, "corrected")
 
 @dataclass(frozen=True)
 class UserPull:
-    """What one user's sync fetched: raw records, and whether the pull was complete."""
+    """What one user's sync fetched: raw records, whether the pull was complete, and the
+    digest of a complete pull's pages (`FetchResult.digest`)."""
 
     user_id: str
     records: Sequence[Any]
     complete: bool
+    digest: str | None = None
 
 
 @dataclass
@@ -112,20 +114,26 @@ def write_batch(
 
     A backfill passes `record_state=False`, so it never moves a user's live sync state,
     and a replay passes `force=True` to re-normalize records whose raw content is known.
+    A user whose complete pull has the digest of their last committed one changed
+    nothing: only their sync state is written.
     """
     counts = LoadCounts()
     if not pulls:
         return counts
-    user_ids = sorted({pull.user_id for pull in pulls})
     started = time.perf_counter()
     with engine.begin() as connection:
         _plan_by_key(connection)
-        _lock_users(connection, user_ids)
+        _lock_users(connection, sorted({pull.user_id for pull in pulls}))
+        changed = pulls
+        if record_state and not force:
+            changed = _changed(connection, pulls)
+            counts.unchanged = _records(pulls) - _records(changed)
+        user_ids = sorted({pull.user_id for pull in changed})
         held = held_results(connection, user_ids)
         known = set() if force else _known_hashes(connection, user_ids, held)
         hashing = time.perf_counter()
-        fresh = triage([(pull.user_id, pull.records) for pull in pulls], known)
-        counts.unchanged = fresh.unchanged
+        fresh = triage([(pull.user_id, pull.records) for pull in changed], known)
+        counts.unchanged += fresh.unchanged
         normalizing = time.perf_counter()
         normalized = normalize(fresh.user_ids, fresh.records, fresh.hashes)
         writing = time.perf_counter()
@@ -134,7 +142,7 @@ def write_batch(
         counts.inserted, counts.updated = upsert_results(
             connection, normalized.results, held, now, force=force
         )
-        counts.deleted = _soft_delete(connection, [p for p in pulls if p.complete], held, now)
+        counts.deleted = _soft_delete(connection, [p for p in changed if p.complete], held, now)
         if record_state:
             _record_success(connection, pulls, run_id=run_id, now=now)
     finished = time.perf_counter()
@@ -165,6 +173,21 @@ def _lock_users(connection: Connection, user_ids: Sequence[str]) -> None:
     for chunk in _chunks(user_ids):
         query = select(grants.c.user_id).where(grants.c.user_id.in_(chunk))
         connection.execute(query.order_by(grants.c.user_id).with_for_update()).all()
+
+
+def _records(pulls: Sequence[UserPull]) -> int:
+    return sum(len(pull.records) for pull in pulls)
+
+
+def _changed(connection: Connection, pulls: Sequence[UserPull]) -> list[UserPull]:
+    """The pulls that differ from the user's last committed complete pull."""
+    stored: dict[str, str | None] = {}
+    for chunk in _chunks([pull.user_id for pull in pulls]):
+        query = select(sync_state.c.user_id, sync_state.c.pull_digest)
+        stored.update(connection.execute(query.where(sync_state.c.user_id.in_(chunk))).all())
+    return [
+        pull for pull in pulls if pull.digest is None or stored.get(pull.user_id) != pull.digest
+    ]
 
 
 def _known_hashes(
@@ -364,6 +387,7 @@ def _record_success(
             "last_attempt_at": now,
             "last_success_at": now,
             "last_complete_at": now if pull.complete else None,
+            "pull_digest": pull.digest if pull.complete else None,
             "results_live": live.get(pull.user_id, 0),
             "last_status": "ok",
             "last_error": None,
@@ -384,6 +408,7 @@ def _record_success(
                     excluded.last_complete_at, sync_state.c.last_complete_at
                 ),
                 "results_live": excluded.results_live,
+                "pull_digest": excluded.pull_digest,
                 "last_status": excluded.last_status,
                 "last_error": None,
                 "consecutive_failures": 0,

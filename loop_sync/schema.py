@@ -26,7 +26,8 @@ from sqlalchemy import (
     inspect,
     text,
 )
-from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.engine import Connection, Dialect, Engine
+from sqlalchemy.schema import CreateColumn
 from sqlalchemy.types import TypeDecorator
 
 from loop_sync.errors import ConfigError
@@ -235,6 +236,12 @@ sync_state = Table(
     Column("last_error", Text, comment="why the last attempt failed; no secrets, no values"),
     Column("consecutive_failures", Integer, nullable=False, default=0, comment="0 after a success"),
     Column("last_run_id", String(64), comment="sync_runs.run_id of the latest attempt"),
+    Column(
+        "pull_digest",
+        String(64),
+        comment="sha256 of the last committed complete pull's pages; a pull with the same "
+        "one changed nothing",
+    ),
     comment="Per-user sync state, committed with the user's rows.",
 )
 
@@ -268,20 +275,36 @@ VIEWS_DIR = Path(__file__).resolve().parent.parent / "sql" / "views"
 
 
 def upgrade(engine: Engine) -> None:
-    """Create what is missing and (re)create the analyst views; safe to repeat."""
+    """Create what is missing, add columns newer versions brought (always nullable), and
+    (re)create the analyst views; safe to repeat."""
     metadata.create_all(engine)
     with engine.begin() as connection:
+        for table, column in _missing_columns(connection):
+            spec = CreateColumn(column).compile(dialect=connection.dialect)
+            connection.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {spec}"))
         for path in sorted(VIEWS_DIR.glob("*.sql")):
             connection.execute(text(f"DROP VIEW IF EXISTS {path.stem}"))
             connection.execute(text(path.read_text()))
 
 
+def _missing_columns(connection: Connection) -> list[tuple[Table, Column[Any]]]:
+    inspector = inspect(connection)
+    missing = []
+    for name in set(metadata.tables) & set(inspector.get_table_names()):
+        present = {column["name"] for column in inspector.get_columns(name)}
+        table = metadata.tables[name]
+        missing += [(table, column) for column in table.columns if column.name not in present]
+    return missing
+
+
 def require_schema(engine: Engine) -> None:
     """Stop with the fix when the database has not been set up (or is behind)."""
-    missing = set(metadata.tables) - set(inspect(engine).get_table_names())
+    with engine.connect() as connection:
+        missing = sorted(set(metadata.tables) - set(inspect(connection).get_table_names()))
+        missing += sorted(f"{t.name}.{c.name}" for t, c in _missing_columns(connection))
     if missing:
         msg = (
-            f"the database lacks loop-sync tables ({', '.join(sorted(missing))}); "
+            f"the database lacks loop-sync tables or columns ({', '.join(missing)}); "
             "run `loop-sync db upgrade`"
         )
         raise ConfigError(msg)

@@ -20,7 +20,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -52,10 +52,18 @@ LEASE_S = 3 * HTTP_TIMEOUT_S  # outlives any refresh request
 REFRESH_EARLY_S = 300  # refresh a few minutes before expiry ...
 REFRESH_EARLY_SHARE = 0.1  # ... or a tenth of the token's life, whichever is shorter
 LOST_ROTATION = "rotation outcome lost: a refresh reached Loop but its answer never arrived"
+_TOKENS = select(grants.c.status, grants.c.status_reason, tokens).select_from(
+    grants.join(tokens, tokens.c.user_id == grants.c.user_id)
+)
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def _due(expires_at: datetime, lifetime_s: float) -> datetime:
+    """When an access token is due for a refresh: a little before it expires."""
+    return expires_at - timedelta(seconds=min(REFRESH_EARLY_S, lifetime_s * REFRESH_EARLY_SHARE))
 
 
 @dataclass
@@ -82,11 +90,16 @@ class TokenVault:
         self.lease_s = lease_s
         # Fits lease_owner (64) with the per-call suffix added in access_token.
         self.owner = f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # Access tokens this process has read or received, each until it is due for a
+        # refresh: a sync reads a batch's tokens in one query (`warm`) rather than one
+        # read per request. A token Loop rejects is dropped and read again.
+        self._fresh: dict[str, tuple[str, datetime]] = {}
 
     # --- consent ---------------------------------------------------------------------
 
     def store_consent(self, user_id: str, response: TokenResponse, scopes: tuple[str, ...]) -> None:
         """Record a (new) consent and its tokens in one transaction."""
+        self._fresh.pop(user_id, None)
         now = self.clock()
         with self.engine.begin() as connection:
             grant_store.record_consent(connection, user_id, scopes, now)
@@ -124,6 +137,9 @@ class TokenVault:
         `rejected` is a token the API just answered 401 invalid_token to: it is replaced
         even if it looks fresh, unless another process already replaced it.
         """
+        if rejected is None and (cached := self.cached(user_id)) is not None:
+            return cached
+        self._fresh.pop(user_id, None)
         row = self._read(user_id)
         usable = self._usable(row, rejected)
         if usable is not None:
@@ -154,14 +170,27 @@ class TokenVault:
         """Refresh now, even if the cached access token is still fresh (keep-alive)."""
         return self.access_token(user_id, rejected=self._usable(self._read(user_id), None))
 
-    def _read(self, user_id: str) -> Row[Any]:
-        query = (
-            select(grants.c.status, grants.c.status_reason, tokens)
-            .select_from(grants.join(tokens, tokens.c.user_id == grants.c.user_id))
-            .where(grants.c.user_id == user_id)
-        )
+    def cached(self, user_id: str) -> str | None:
+        """The user's access token if this vault holds one not yet due for a refresh;
+        never blocks, so an event loop may call it."""
+        entry = self._fresh.get(user_id)
+        if entry is None or entry[1] <= self.clock():
+            return None
+        return entry[0]
+
+    def warm(self, user_ids: Sequence[str]) -> None:
+        """Read the stored access tokens of many active users in one query, so that their
+        requests need no read of their own; the rest are left to `access_token`."""
         with self.engine.connect() as connection:
-            row = connection.execute(query).one_or_none()
+            rows = connection.execute(
+                _TOKENS.where(grants.c.user_id.in_(user_ids), grants.c.status == GRANT_ACTIVE)
+            ).all()
+        for row in rows:
+            self._usable(row, None)
+
+    def _read(self, user_id: str) -> Row[Any]:
+        with self.engine.connect() as connection:
+            row = connection.execute(_TOKENS.where(grants.c.user_id == user_id)).one_or_none()
         if row is None:
             raise ReauthRequired(user_id, "no consent on record")
         if row.status != GRANT_ACTIVE:
@@ -169,15 +198,18 @@ class TokenVault:
         return row
 
     def _usable(self, row: Row[Any], rejected: str | None) -> str | None:
-        """The stored access token if it is fresh and not the one just rejected."""
+        """The stored access token if it is fresh and not the one just rejected; kept in
+        `_fresh` until it is due."""
         if row.access_token is None or row.access_expires_at is None:
             return None
-        lifetime = row.access_lifetime_s or 0
-        early = min(REFRESH_EARLY_S, lifetime * REFRESH_EARLY_SHARE)
-        if row.access_expires_at - timedelta(seconds=early) <= self.clock():
+        due = _due(row.access_expires_at, row.access_lifetime_s or 0)
+        if due <= self.clock():
             return None
         token = self.cipher.decrypt(row.access_token)
-        return None if token == rejected else token
+        if token == rejected:
+            return None
+        self._fresh[row.user_id] = (token, due)
+        return token
 
     def _acquire(self, user_id: str, owner: str) -> bool:
         now = self.clock()
@@ -239,7 +271,12 @@ class TokenVault:
                     generation=tokens.c.generation + 1,
                 )
             )
-        return response.access_token.get_secret_value()
+        token = response.access_token.get_secret_value()
+        self._fresh[user_id] = (
+            token,
+            _due(now + timedelta(seconds=response.expires_in), response.expires_in),
+        )
+        return token
 
     def _set_started(self, user_id: str, started: datetime | None) -> None:
         with self.engine.begin() as connection:
@@ -255,6 +292,7 @@ class TokenVault:
             self._mark_reauth(user_id, reason)
 
     def _mark_reauth(self, user_id: str, reason: str) -> None:
+        self._fresh.pop(user_id, None)
         with self.engine.begin() as connection:
             grant_store.set_status(connection, user_id, GRANT_REAUTH_REQUIRED, reason, self.clock())
             connection.execute(
@@ -300,6 +338,7 @@ class TokenVault:
 
     def disconnect(self, user_id: str, *, purge: bool = False) -> None:
         """Revoke at Loop, then mark the grant revoked; `purge` also deletes the user's data."""
+        self._fresh.pop(user_id, None)
         with self.engine.connect() as connection:
             stored = connection.execute(
                 select(tokens.c.refresh_token).where(tokens.c.user_id == user_id)

@@ -7,14 +7,14 @@ import sys
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 from typer.testing import CliRunner
 
 from loop_sync.cli import app, console
 from loop_sync.config import Settings
 from loop_sync.errors import ConfigError
 from loop_sync.sandbox import Sandbox
-from loop_sync.schema import grant_events, tokens
+from loop_sync.schema import grant_events, sync_state, tokens
 from loop_sync.services import Services
 from tests.support import settings_env
 
@@ -52,6 +52,28 @@ def test_commands_on_an_empty_database_say_to_run_db_upgrade(
     result = runner.invoke(app, ["users"])
     assert isinstance(result.exception, ConfigError)
     assert "run `loop-sync db upgrade`" in str(result.exception)
+
+
+def test_db_upgrade_adds_the_columns_a_newer_version_brought_and_keeps_the_data(
+    env: dict[str, str], services: Services
+) -> None:
+    """A warehouse made by an older loop-sync (no sync_state.pull_digest) is refused with
+    the fix, and `db upgrade` brings it up to date without losing a row."""
+    connect(services, "usr_0001")
+    with services.engine.begin() as connection:
+        connection.execute(sync_state.insert().values(user_id="usr_0001", last_status="ok"))
+        connection.execute(text("ALTER TABLE sync_state DROP COLUMN pull_digest"))
+
+    behind = runner.invoke(app, ["users"])
+    assert isinstance(behind.exception, ConfigError)
+    assert "sync_state.pull_digest" in str(behind.exception)
+    assert "run `loop-sync db upgrade`" in str(behind.exception)
+
+    assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
+    assert "usr_0001" in runner.invoke(app, ["users"]).output
+    with services.engine.connect() as connection:
+        kept = connection.execute(select(sync_state.c.user_id, sync_state.c.pull_digest)).all()
+    assert [tuple(row) for row in kept] == [("usr_0001", None)]
 
 
 def test_users_lists_status_scopes_and_last_refresh(

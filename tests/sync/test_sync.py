@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from loop_sync.catalog import CatalogUnit, load_catalog
-from loop_sync.load import UserPull, write_batch
+from loop_sync.load import LoadCounts, UserPull, write_batch
 from loop_sync.sandbox import Sandbox
 from loop_sync.schema import (
     biomarker_result_history,
@@ -510,3 +510,45 @@ def test_a_result_that_comes_back_is_restored_and_landed_once(services: Services
     assert [(c.inserted, c.deleted, c.updated) for c in counts] == [(1, 0, 0), (0, 1, 0), (0, 0, 1)]
     assert list(live(services.engine, "usr_0001")) == ["res_back_test"]
     assert count(services.engine, raw_records) == 1
+
+
+def test_a_pull_identical_to_the_last_complete_one_writes_only_the_sync_state(
+    services: Services,
+) -> None:
+    """A user whose pages are byte for byte those of their last committed complete pull
+    is not re-read record by record: the rows stay as they are and the state says when it
+    was checked. An incomplete pull forgets the digest, so the next complete one is read
+    in full."""
+    first = {
+        "id": "res_digest_1",
+        "patient_id": "pat_0001",
+        "biomarker_code": "ldl-c",
+        "biomarker_name": "LDL",
+        "value": 120.0,
+        "unit": "mg/dL",
+        "status": "normal",
+        "collected_at": "2026-01-02T08:00:00Z",
+        "parsed_at": "2026-01-03T08:00:00Z",
+    }
+    second = {**first, "id": "res_digest_2", "value": 99.0}
+
+    def write(records: list[dict[str, Any]], complete: bool, digest: str | None) -> LoadCounts:
+        pull = UserPull("usr_0001", records, complete, digest)
+        return write_batch(services.engine, [pull], run_id="r", now=utcnow())
+
+    write([first, second], True, "a" * 64)
+    written = {rid: row["last_changed_at"] for rid, row in results(services.engine).items()}
+    checked = state(services.engine, "usr_0001")["last_success_at"]
+
+    again = write([first, second], True, "a" * 64)
+    assert (again.inserted, again.updated, again.deleted, again.unchanged) == (0, 0, 0, 2)
+    assert {rid: r["last_changed_at"] for rid, r in results(services.engine).items()} == written
+    assert state(services.engine, "usr_0001")["last_success_at"] > checked
+
+    partial = write([first], False, None)
+    assert partial.deleted == 0  # an incomplete pull proves no absence
+    assert state(services.engine, "usr_0001")["pull_digest"] is None
+
+    full = write([first], True, "b" * 64)
+    assert full.deleted == 1
+    assert list(live(services.engine, "usr_0001")) == ["res_digest_1"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+import sqlalchemy
 from sqlalchemy import Column, Integer, String, Table, select
 
 from loop_sync.errors import ReauthRequired
@@ -17,6 +18,7 @@ from loop_sync.schema import (
     oauth_sessions,
 )
 from loop_sync.services import Services
+from loop_sync.vault import TokenVault
 
 from .helpers import (
     api_status,
@@ -33,6 +35,7 @@ from .helpers import (
 
 USER = "usr_0002"
 OTHER = "usr_0003"
+THIRD = "usr_0004"
 HOUR = 3600
 DAY = 24 * HOUR
 # Small enough that an id_token minted on the sandbox's clock passes loop-sync's 60 s skew
@@ -97,6 +100,50 @@ def test_access_token_is_served_from_the_cache_without_calling_loop_while_fresh(
     assert sandbox.counters.token_requests[USER] == 1  # the code exchange only
     assert sandbox.counters.refreshes[USER] == 0
     assert api_status(sandbox, first) == 200
+
+
+def test_warm_reads_a_batchs_tokens_in_one_query_and_then_serves_them_without_the_database(
+    services: Services, sandbox: Sandbox
+) -> None:
+    """A sync warms a batch of users with one read; their requests then cost no read at all,
+    and a user whose grant is not active is not warmed."""
+    for user in (USER, OTHER, THIRD):
+        consent(services, user)
+    services.vault.mark_reauth_required(THIRD, "test: consent withdrawn")
+    cold = TokenVault(services.engine, services.cipher, services.oidc, clock=sandbox.clock.now)
+    statements: list[str] = []
+    listen = sqlalchemy.event.listens_for(services.engine, "before_cursor_execute")
+    listen(lambda *args: statements.append(args[2]))
+
+    cold.warm([USER, OTHER, THIRD])
+    warmed = len(statements)
+    tokens = [cold.access_token(USER), cold.access_token(OTHER)]
+
+    assert warmed == 1
+    assert len(statements) == warmed  # served from what warm read
+    assert tokens == [stored_access_token(services, USER), stored_access_token(services, OTHER)]
+    assert cold.cached(THIRD) is None
+    with pytest.raises(ReauthRequired):
+        cold.access_token(THIRD)
+
+
+def test_a_cached_token_another_process_replaced_is_read_again_once_loop_rejects_it(
+    services: Services, sandbox: Sandbox
+) -> None:
+    """The cache never causes a second refresh: a token Loop rejects is looked up again,
+    and the replacement another process stored is used as is."""
+    consent(services, USER)
+    ours = TokenVault(services.engine, services.cipher, services.oidc, clock=sandbox.clock.now)
+    theirs = TokenVault(services.engine, services.cipher, services.oidc, clock=sandbox.clock.now)
+    cached = ours.access_token(USER)
+    replacement = theirs.access_token(USER, rejected=cached)
+    assert sandbox.counters.refreshes[USER] == 1
+
+    assert ours.access_token(USER) == cached  # still fresh as far as this process knows
+    assert ours.access_token(USER, rejected=cached) == replacement
+
+    assert sandbox.counters.refreshes[USER] == 1
+    assert ours.access_token(USER) == replacement
 
 
 @pytest.mark.parametrize(
