@@ -85,7 +85,7 @@ def create_app(services: Services) -> Starlette:
         )
         raise ConfigError(msg)
     views = _Views(services)
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/", views.home),
             Route("/login", views.login),
@@ -97,6 +97,11 @@ def create_app(services: Services) -> Starlette:
         ],
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
+    # Starlette answers /login/ with a redirect to an absolute URL built from the request's
+    # Host header: an open redirect (a forged Host, or a proxy passing one on, sends the
+    # browser and, for /callback/?code=..., the code to any site). Such paths are 404s.
+    app.router.redirect_slashes = False
+    return app
 
 
 class _Views:
