@@ -21,10 +21,16 @@ of the client's rate (`LOOP_SYNC_RATE_LIMIT_RPS / shards`).
 
 Tokens are never parameters, results, artifacts or log lines: every task that may touch
 one uses `cache_policy=NO_CACHE` and `persist_result=False` and returns only counts.
+
+A configuration that cannot work (a setting missing or malformed, the database or Loop
+out of reach, an encryption key that cannot read the stored tokens) fails the run in
+`run_services`, before `sync_runs` or anything else is written; like every LoopSyncError
+that ends a flow or task run, it is logged as its one line, without a traceback.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -84,12 +90,30 @@ TRANSIENT = (
 _services: ContextVar[Services] = ContextVar("loop_sync_services")
 
 
+class _OneLineErrors(logging.Filter):
+    """Drops the traceback from Prefect's record of a LoopSyncError that ended a flow or
+    task run: the message already says what to fix (as the CLI prints it), and a
+    traceback would bury it in the worker's output and the run's logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], LoopSyncError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+for _logger in ("prefect.flow_runs", "prefect.task_runs"):
+    logging.getLogger(_logger).addFilter(_OneLineErrors())
+
+
 @contextmanager
 def run_services(*, rate_share: int = 1) -> Iterator[Services]:
     """Services for one flow run, from the worker's environment and `.env`; closed after.
 
     `rate_share` splits the client's rate budget between that many concurrent shards,
-    because Loop limits the client_id, not a process.
+    because Loop limits the client_id, not a process. The configuration is checked first
+    (`Services.check`: database, schema, stored tokens, Loop), so a run that cannot work
+    fails before it writes anything.
     """
     settings = load_settings()
     if rate_share > 1:
@@ -97,6 +121,11 @@ def run_services(*, rate_share: int = 1) -> Iterator[Services]:
             update={"rate_limit_rps": settings.rate_limit_rps / rate_share}
         )
     services = Services.build(settings)
+    try:
+        services.check()
+    except BaseException:
+        services.close()
+        raise
     token = _services.set(services)
     try:
         yield services

@@ -33,19 +33,24 @@ console = Console(soft_wrap=True)
 
 
 @contextmanager
-def _services(*, schema_required: bool = True) -> Iterator[Services]:
-    """Settings read once, the database checked, everything wired; closed afterwards."""
+def _services(
+    *,
+    schema_required: bool = True,
+    stored_tokens: bool = True,
+    loop: bool = True,
+    onboarding: bool = False,
+) -> Iterator[Services]:
+    """Settings read once, everything wired, and what the command needs checked before it
+    writes anything (see `Services.check`); closed afterwards."""
     from loop_sync.config import load_settings
-    from loop_sync.db import check_database
-    from loop_sync.schema import require_schema
     from loop_sync.services import Services
 
     settings = load_settings()
     services = Services.build(settings)
     try:
-        check_database(services.engine, settings)
-        if schema_required:
-            require_schema(services.engine)
+        services.check(
+            schema=schema_required, stored_tokens=stored_tokens, loop=loop, onboarding=onboarding
+        )
         yield services
     finally:
         services.close()
@@ -145,7 +150,7 @@ def keys_rotate() -> None:
 
     Example: LOOP_SYNC_ENCRYPTION_KEYS=$NEW,$OLD loop-sync keys rotate
     """
-    with _services() as services:
+    with _services(stored_tokens=False, loop=False) as services:  # it decrypts every one
         touched = services.vault.rotate_keys()
     console.print(f"re-encrypted {touched} rows; the keys after the first can now be removed")
 
@@ -158,7 +163,7 @@ def db_upgrade() -> None:
     """
     from loop_sync.schema import upgrade
 
-    with _services(schema_required=False) as services:
+    with _services(schema_required=False, stored_tokens=False, loop=False) as services:
         upgrade(services.engine)
         console.print(f"schema up to date in {services.settings.database_url_display}")
 
@@ -176,7 +181,7 @@ def web(
 
     from loop_sync.web.app import serve_web
 
-    with _services() as services:
+    with _services(onboarding=True) as services:
         callback = httpx.URL(services.settings.redirect_uri)
         home = f"{callback.scheme}://{callback.netloc.decode()}/"
 
@@ -194,7 +199,10 @@ def users() -> None:
     """
     from loop_sync.grants import list_grants
 
-    with _services() as services, services.engine.connect() as connection:
+    with (
+        _services(stored_tokens=False, loop=False) as services,
+        services.engine.connect() as connection,
+    ):
         grants = list_grants(connection)
     table = Table("user", "status", "scopes", "consented", "last refresh", "reason")
     for grant in grants:
@@ -328,7 +336,8 @@ def backfill(
 
     if mode not in ("refetch", "replay"):
         raise typer.BadParameter("mode must be refetch or replay")
-    with _services() as services:
+    refetch = mode == "refetch"  # a replay reads the raw landing only
+    with _services(stored_tokens=refetch, loop=refetch) as services:
         users = select_users(services.engine, user)
         summary = start_run(services.engine, "backfill")
         try:

@@ -56,6 +56,11 @@ FIXES = {
 }
 
 
+# The driver of each database loop-sync writes to (the PostgreSQL COPY path is psycopg's).
+DRIVERS = {"sqlite": "pysqlite", "postgresql": "psycopg"}
+PERCENT_ENCODE = "percent-encode @ : / in the user name or password as %40 %3A %2F"
+
+
 def _web_url(value: str, *, allow_query: bool = True) -> str:
     """An absolute URL, https unless on loopback (Loop allows http://localhost for dev)."""
     parts = urlsplit(value.strip())
@@ -68,6 +73,29 @@ def _web_url(value: str, *, allow_query: bool = True) -> str:
     if parts.fragment or (parts.query and not allow_query):
         msg = "must not carry a query or a fragment"
         raise ValueError(msg)
+    return value.strip()
+
+
+def _database_url(value: str) -> str:
+    """A SQLAlchemy URL for a warehouse loop-sync can write: SQLite, or PostgreSQL through
+    psycopg (3). No message quotes the value: it may hold a password."""
+    try:
+        url = make_url(value.strip())
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
+        msg = f"is not a SQLAlchemy database URL ({PERCENT_ENCODE})"
+        raise ValueError(msg) from None
+    if "@" in (url.host or ""):  # an unencoded @ in the password: the rest became the host
+        msg = f"holds more than one @ before the host ({PERCENT_ENCODE})"
+        raise ValueError(msg)
+    backend, _, driver = url.drivername.partition("+")
+    if backend not in DRIVERS:
+        msg = "names a database loop-sync cannot use: the warehouse is SQLite or PostgreSQL"
+        raise ValueError(msg)
+    if driver not in ("", DRIVERS[backend]):
+        msg = f"names a driver loop-sync does not ship: use {backend}+{DRIVERS[backend]}://"
+        raise ValueError(msg)
+    if backend == "postgresql" and not driver:  # SQLAlchemy 2.0 would pick psycopg2
+        return url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
     return value.strip()
 
 
@@ -88,7 +116,10 @@ class Settings(BaseSettings):
         SecretStr("sqlite:///loop_sync.db"), validation_alias="LOOP_SYNC_DATABASE_URL"
     )
     encryption_keys: SecretStr = Field(validation_alias="LOOP_SYNC_ENCRYPTION_KEYS")
-    rate_limit_rps: float = Field(10.0, gt=0, validation_alias="LOOP_SYNC_RATE_LIMIT_RPS")
+    # Floats are finite: "inf" would parse, and then break the rate budget or the timeouts.
+    rate_limit_rps: float = Field(
+        10.0, gt=0, allow_inf_nan=False, validation_alias="LOOP_SYNC_RATE_LIMIT_RPS"
+    )
     concurrency: int = Field(32, ge=1, le=256, validation_alias="LOOP_SYNC_CONCURRENCY")
     page_size: int = Field(
         contract.PAGE_LIMIT_MAX,
@@ -96,8 +127,12 @@ class Settings(BaseSettings):
         le=contract.PAGE_LIMIT_MAX,
         validation_alias="LOOP_SYNC_PAGE_SIZE",
     )
-    user_time_budget_s: float = Field(300.0, gt=0, validation_alias="LOOP_SYNC_USER_TIME_BUDGET_S")
-    retry_after_cap_s: float = Field(120.0, gt=0, validation_alias="LOOP_SYNC_RETRY_AFTER_CAP_S")
+    user_time_budget_s: float = Field(
+        300.0, gt=0, allow_inf_nan=False, validation_alias="LOOP_SYNC_USER_TIME_BUDGET_S"
+    )
+    retry_after_cap_s: float = Field(
+        120.0, gt=0, allow_inf_nan=False, validation_alias="LOOP_SYNC_RETRY_AFTER_CAP_S"
+    )
     onboard_deployment: str | None = Field(
         None, pattern=r"^[^/\s]+/[^/\s]+$", validation_alias="LOOP_SYNC_ONBOARD_DEPLOYMENT"
     )
@@ -124,12 +159,7 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, value: SecretStr) -> SecretStr:
-        try:
-            make_url(value.get_secret_value())
-        except ArgumentError:
-            msg = "is not a SQLAlchemy database URL"
-            raise ValueError(msg) from None
-        return value
+        return SecretStr(_database_url(value.get_secret_value()))
 
     @field_validator("encryption_keys")
     @classmethod

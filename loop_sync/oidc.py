@@ -14,7 +14,7 @@ import secrets
 import warnings
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import httpx
 from joserfc import jwt
@@ -183,6 +183,44 @@ class OidcClient:
         if login_hint:
             params["login_hint"] = login_hint
         return f"{metadata.authorization_endpoint}?{urlencode(params)}"
+
+    def check_redirect_uri(self) -> None:
+        """Raise ConfigError unless the authorize endpoint accepts LOOP_REDIRECT_URI.
+
+        A redirect_uri the provider has not registered for the client_id (or an unknown
+        client_id) gets an error page, never a redirect (RFC 6749 4.1.2.1; Loop: "identity
+        does not redirect at all"), so a person who starts a consent would be stuck on
+        Loop's page and loop-sync would never hear of it. This asks once, with a consent
+        request as a browser would send it, and does not follow the answer: a redirect or
+        a page (login, consent) means the URI was accepted, and a redirect back carrying
+        an OAuth error is that error. Nothing is consented or exchanged.
+        """
+        url = self.authorization_url(AuthorizationStart.new())
+        endpoint = self.metadata().authorization_endpoint
+        try:
+            response = self._http.get(url)  # redirects are not followed
+        except httpx.TransportError as exc:
+            raise LoopUnreachable(endpoint, type(exc).__name__) from None
+        if response.status_code >= 500:
+            raise TransientError("server_error", f"authorize answered {response.status_code}")
+        if response.is_redirect:
+            location = urlsplit(response.headers.get("location", ""))
+            back = location._replace(query="", fragment="").geturl() == self.settings.redirect_uri
+            error = dict(parse_qsl(location.query)).get("error") if back else None
+            if error in CONFIG_ERRORS:
+                raise ConfigError(f"Loop answered {error}: {CONFIG_ERRORS[error]}")
+            if error:
+                raise ProviderError(error, "to a consent request from loop-sync's settings")
+            return
+        if response.status_code >= 400:
+            msg = (
+                f"Loop refuses to send people back to LOOP_REDIRECT_URI "
+                f"{self.settings.redirect_uri} (its authorize page answered "
+                f"{response.status_code} instead of redirecting): register that URI exactly "
+                f"for LOOP_CLIENT_ID {self.settings.client_id} with Loop, or set "
+                "LOOP_REDIRECT_URI to the one registered (and check LOOP_CLIENT_ID)"
+            )
+            raise ConfigError(msg)
 
     def exchange_code(self, code: str, verifier: str) -> TokenResponse:
         return self._token_request(
