@@ -489,11 +489,10 @@ def test_an_older_revision_never_replaces_a_newer_one(services: Services) -> Non
     assert history == []
 
 
-def test_a_result_that_comes_back_is_restored_and_landed_once(services: Services) -> None:
-    """Loop deletes a result, then lists it again unchanged: the row is live again, counted
-    as updated, and its raw content, landed the first time, is not landed twice."""
-    record = {
-        "id": "res_back_test",
+def ldl_result(result_id: str) -> Record:
+    """A plain LDL result as Loop lists it."""
+    return {
+        "id": result_id,
         "patient_id": "pat_0001",
         "biomarker_code": "ldl-c",
         "biomarker_name": "LDL",
@@ -503,6 +502,12 @@ def test_a_result_that_comes_back_is_restored_and_landed_once(services: Services
         "collected_at": "2026-01-02T08:00:00Z",
         "parsed_at": "2026-01-03T08:00:00Z",
     }
+
+
+def test_a_result_that_comes_back_is_restored_and_landed_once(services: Services) -> None:
+    """Loop deletes a result, then lists it again unchanged: the row is live again, counted
+    as updated, and its raw content, landed the first time, is not landed twice."""
+    record = ldl_result("res_back_test")
     counts = [
         write_batch(services.engine, [UserPull("usr_0001", pulled, True)], run_id="r", now=utcnow())
         for pulled in ([record], [], [record])
@@ -519,18 +524,8 @@ def test_a_pull_identical_to_the_last_complete_one_writes_only_the_sync_state(
     is not re-read record by record: the rows stay as they are and the state says when it
     was checked. An incomplete pull forgets the digest, so the next complete one is read
     in full."""
-    first = {
-        "id": "res_digest_1",
-        "patient_id": "pat_0001",
-        "biomarker_code": "ldl-c",
-        "biomarker_name": "LDL",
-        "value": 120.0,
-        "unit": "mg/dL",
-        "status": "normal",
-        "collected_at": "2026-01-02T08:00:00Z",
-        "parsed_at": "2026-01-03T08:00:00Z",
-    }
-    second = {**first, "id": "res_digest_2", "value": 99.0}
+    first = ldl_result("res_digest_1")
+    second = {**ldl_result("res_digest_2"), "value": 99.0}
 
     def write(records: list[dict[str, Any]], complete: bool, digest: str | None) -> LoadCounts:
         pull = UserPull("usr_0001", records, complete, digest)
