@@ -18,6 +18,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from loop_sync import contract
 from loop_sync.sandbox.authority import (
@@ -95,7 +96,22 @@ class Sandbox:
             cache_size=max(1, min(config.users, RESULTS_CACHE_MAX_USERS)),
         )
         self.faults = Faults(lambda: self.knobs, self.counters, self.clock, config.seed)
-        self.app = Starlette(routes=self._routes(), exception_handlers={404: _not_found})
+        self._routed = Starlette(routes=self._routes(), exception_handlers={404: _not_found})
+        self.app: ASGIApp = self._counted
+
+    async def _counted(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ASGI app; `counters.in_flight` holds each request, by path, until the sandbox
+        is done with it (answered, dropped, or abandoned by a client that went away), so a
+        test can act while Loop holds a request and know when Loop is idle again."""
+        if scope["type"] != "http":
+            await self._routed(scope, receive, send)
+            return
+        path = str(scope["path"])
+        self.counters.count("in_flight", path)
+        try:
+            await self._routed(scope, receive, send)
+        finally:
+            self.counters.count("in_flight", path, -1)
 
     def set_knobs(self, **changes: Any) -> Knobs:
         self.knobs = self.knobs.update(changes)
@@ -161,12 +177,12 @@ class Sandbox:
 
     async def _served(self, endpoint: Endpoint, build: Callable[[], Response]) -> Response:
         self.counters.count("requests", endpoint)
-        await self.faults.delay()
+        await self.faults.delay(endpoint)
         return self.faults.server_error(endpoint, oauth=True) or build()
 
     async def _authorize(self, request: Request) -> Response:
         self.counters.count("requests", "authorize")
-        await self.faults.delay()
+        await self.faults.delay("authorize")
         try:
             auth = self.authority.check_authorization(dict(request.query_params))
         except AuthorizePageError as exc:
@@ -198,7 +214,7 @@ class Sandbox:
 
     async def _token(self, request: Request) -> Response:
         self.counters.count("requests", "token")
-        await self.faults.delay()
+        await self.faults.delay("token")
         try:
             form = await _read_form(request)
         except OAuthError as exc:
@@ -212,10 +228,10 @@ class Sandbox:
             user_id, body = self.authority.token(form)
         except OAuthError as exc:
             return _oauth_error(exc)
-        if form.get("grant_type") == contract.GRANT_REFRESH_TOKEN and self.faults.lose_refresh(
-            user_id
-        ):
-            return DroppedResponse()
+        if form.get("grant_type") == contract.GRANT_REFRESH_TOKEN:
+            if self.faults.lose_refresh(user_id):
+                return DroppedResponse()
+            await self.faults.hold_refresh_answer()
         return JSONResponse(body, headers=NO_STORE)
 
     async def _revoke(self, request: Request) -> Response:
@@ -228,7 +244,7 @@ class Sandbox:
         self, request: Request, endpoint: Literal["revoke", "introspect"]
     ) -> Response:
         self.counters.count("requests", endpoint)
-        await self.faults.delay()
+        await self.faults.delay(endpoint)
         try:
             form = await _read_form(request)
             failed = self.faults.throttle(
@@ -247,7 +263,7 @@ class Sandbox:
 
     async def _biomarkers(self, request: Request) -> Response:
         self.counters.count("requests", "biomarkers")
-        await self.faults.delay()
+        await self.faults.delay("biomarkers")
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         grant = self.authority.bearer(token) if scheme.lower() == "bearer" else None
         client_key = grant.client_id if grant else "anonymous"
@@ -286,7 +302,7 @@ class Sandbox:
             "limit": limit,
             "offset": offset,
         }
-        return self.faults.malformed(page) or JSONResponse(
+        return self.faults.malformed(page, grant.user_id) or JSONResponse(
             page, headers=self.faults.rate_headers(client_key)
         )
 

@@ -55,9 +55,10 @@ class Faults:
     def _roll(self, rate: float) -> bool:
         return rate > 0 and self._rng.random() < rate
 
-    async def delay(self) -> None:
+    async def delay(self, endpoint: Endpoint) -> None:
+        """Latency before the endpoint acts: a client that goes away meanwhile changed nothing."""
         knobs = self._knobs()
-        wait = knobs.latency_ms
+        wait = knobs.latency_ms + knobs.endpoint_latency_ms.get(endpoint, 0.0)
         if self._roll(knobs.latency_spike_rate):
             self._counters.count("faults", "latency_spike")
             wait += knobs.latency_spike_ms
@@ -120,8 +121,9 @@ class Faults:
         self._counters.count("faults", f"{endpoint}:503")
         return error_response(503, "temporarily_unavailable", "overloaded", oauth=oauth)
 
-    def malformed(self, page: dict[str, Any]) -> Response | None:
-        """A 200 whose body is broken: HTML, truncated JSON, or a record of wrong types."""
+    def malformed(self, page: dict[str, Any], user_id: str) -> Response | None:
+        """A 200 whose body is broken: HTML, truncated JSON, or a record of wrong types
+        (recorded in `Counters.malformed_records` with `user_id`, whose page it was)."""
         rates = self._knobs().malformed_rates
         if self._roll(rates.get("html", 0.0)):
             self._counters.count("faults", "malformed:html")
@@ -133,12 +135,13 @@ class Faults:
             return Response(body[:cut], media_type="application/json")
         if page_records(page) and self._roll(rates.get("wrong_types", 0.0)):
             self._counters.count("faults", "malformed:wrong_types")
-            return JSONResponse(self._wrong_types(page))
+            return JSONResponse(self._wrong_types(page, user_id))
         return None
 
-    def _wrong_types(self, page: dict[str, Any]) -> dict[str, Any]:
+    def _wrong_types(self, page: dict[str, Any], user_id: str) -> dict[str, Any]:
         records = [dict(r) for r in page_records(page)]
         victim = records[self._rng.randrange(len(records))]
+        original_id = victim.get("id")
         mutation = self._rng.choice(("no_id", "id_number", "value_object", "collected_number"))
         if mutation == "no_id":
             del victim["id"]
@@ -148,8 +151,25 @@ class Faults:
             victim["value"] = {"amount": victim.get("value")}
         else:
             victim["collected_at"] = self._rng.randrange(10**9)
+        at = self._clock.now().isoformat()
+        self._counters.malformed(
+            {
+                "user_id": user_id,
+                "id": original_id,
+                "mutation": mutation,
+                "record": victim,
+                "at": at,
+            }
+        )
         key = next(k for k in contract.PAGE_ARRAY_KEYS if k in page)
         return {**page, key: records}
+
+    async def hold_refresh_answer(self) -> None:
+        """Latency after a refresh rotated: a client that dies meanwhile has lost the new
+        refresh token (the case docs/tokens.md calls "rotation outcome lost")."""
+        wait = self._knobs().refresh_answer_delay_ms
+        if wait:
+            await asyncio.sleep(wait / 1000)
 
     def lose_refresh(self, user_id: str) -> bool:
         """Whether to drop the response of a refresh the server has already rotated."""

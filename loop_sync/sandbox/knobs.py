@@ -6,7 +6,7 @@ nothing.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -15,6 +15,7 @@ from loop_sync import contract
 Endpoint = Literal["discovery", "jwks", "authorize", "token", "revoke", "introspect", "biomarkers"]
 Malformation = Literal["html", "truncated_json", "wrong_types"]
 Rate = float  # a probability in [0, 1]
+Millis = Annotated[float, Field(ge=0)]
 
 
 class Knobs(BaseModel):
@@ -26,6 +27,9 @@ class Knobs(BaseModel):
     latency_ms: float = Field(0.0, ge=0)
     latency_spike_rate: Rate = Field(0.0, ge=0, le=1)
     latency_spike_ms: float = Field(2000.0, ge=0)
+    endpoint_latency_ms: dict[Endpoint, Millis] = Field(
+        default_factory=dict, description="more latency for some endpoints, before they act"
+    )
     rate_limit_rps: float | None = Field(None, gt=0)
     rate_limit_burst: int | None = Field(None, ge=1, description="default: one second's worth")
     retry_after_format: Literal["seconds", "http-date", "absent"] = "seconds"
@@ -34,6 +38,9 @@ class Knobs(BaseModel):
     error_rates: dict[Endpoint, Rate] = Field(default_factory=dict)
     malformed_rates: dict[Malformation, Rate] = Field(default_factory=dict)
     access_token_ttl_s: int = Field(contract.ACCESS_TOKEN_TTL_S, ge=1)
+    refresh_answer_delay_ms: float = Field(
+        0.0, ge=0, description="a refresh's answer leaves this long after the token rotated"
+    )
     lose_refresh_rate: Rate = Field(0.0, ge=0, le=1)
     lose_refresh_users: set[str] = Field(
         default_factory=set, description="each loses the response of its next refresh, once"

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from loop_sync.sandbox.app import Sandbox, SandboxConfig
@@ -19,10 +20,15 @@ from loop_sync.serving import BackgroundServer
 
 
 class _LostResponseFilter(logging.Filter):
-    """Drops uvicorn's traceback for responses the sandbox loses on purpose."""
+    """Drops uvicorn's traceback for responses the sandbox loses on purpose, and for
+    requests whose client went away before the sandbox read them (a killed process): Loop
+    simply never acts on those, which is no error of the sandbox's."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], ConnectionAbortedError))
+        return not (
+            record.exc_info
+            and isinstance(record.exc_info[1], ConnectionAbortedError | ClientDisconnect)
+        )
 
 
 class SandboxHost:

@@ -108,7 +108,7 @@ class Tap:
         self.calls: list[Call] = []
         self.before: Callable[[str], None] | None = None
         self.after: Callable[[Call], None] | None = None
-        sandbox.app = self  # type: ignore[assignment]  # the host serves sandbox.app
+        sandbox.app = self  # the host serves sandbox.app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != contract.BIOMARKERS_PATH:

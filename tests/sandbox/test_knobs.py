@@ -29,6 +29,7 @@ from .helpers import (
     api_error,
     biomarkers,
     client_form,
+    introspect,
     login,
     oauth_error,
     refresh,
@@ -291,6 +292,65 @@ def test_lost_refresh_response_spares_users_not_listed(
     assert response.status_code == 200
     assert sandbox.counters.responses_lost.total() == 0
     assert sandbox.knobs.lose_refresh_users == {"usr_0002"}
+
+
+def _until_idle(sandbox: Sandbox) -> None:
+    """Wait until the sandbox is done with every request, abandoned ones included."""
+    deadline = time.monotonic() + 5
+    while sandbox.counters.in_flight.total():
+        assert time.monotonic() < deadline, sandbox.counters.in_flight
+        time.sleep(0.01)
+
+
+def test_endpoint_latency_slows_one_endpoint_before_it_acts(
+    sandbox: Sandbox, http: httpx.Client
+) -> None:
+    """endpoint_latency_ms={"token": 600}: the token endpoint answers 0.6 s late, others at
+    once; a client that gives up meanwhile changed nothing: its refresh token still works."""
+    tokens = login(http, sandbox)
+    assert tokens.refresh_token is not None
+    sandbox.set_knobs(endpoint_latency_ms={"token": 600})
+    started = time.perf_counter()
+    assert http.get("/.well-known/openid-configuration").status_code == 200
+    assert time.perf_counter() - started < 0.6
+    form = client_form(sandbox, grant_type="refresh_token", refresh_token=tokens.refresh_token)
+
+    with pytest.raises(httpx.ReadTimeout):
+        http.post(TOKEN, data=form, timeout=0.1)
+    _until_idle(sandbox)
+
+    assert sandbox.counters.refreshes.total() == 0
+    started = time.perf_counter()
+    assert refresh(http, sandbox, tokens.refresh_token).status_code == 200
+    assert time.perf_counter() - started >= 0.6
+    assert sandbox.counters.replays_detected.total() == 0
+
+
+def test_refresh_answer_delay_holds_the_answer_after_rotating(
+    sandbox: Sandbox, http: httpx.Client
+) -> None:
+    """refresh_answer_delay_ms=300: Loop rotates at once and answers 0.3 s later, the request
+    counted in flight meanwhile; a client that gives up then has lost the new token (the old
+    one is no longer active), and a patient one gets it late."""
+    tokens = login(http, sandbox)
+    assert tokens.refresh_token is not None
+    sandbox.set_knobs(refresh_answer_delay_ms=300)
+    form = client_form(sandbox, grant_type="refresh_token", refresh_token=tokens.refresh_token)
+
+    with pytest.raises(httpx.ReadTimeout):
+        http.post(TOKEN, data=form, timeout=0.1)
+
+    assert sandbox.counters.refreshes.total() == 1
+    assert sandbox.counters.in_flight[TOKEN] == 1  # the answer is still held
+    _until_idle(sandbox)
+    assert sandbox.counters.in_flight[TOKEN] == 0
+    assert introspect(http, sandbox, tokens.refresh_token).json() == {"active": False}
+    assert sandbox.counters.replays_detected.total() == 0
+    patient = login(http, sandbox)
+    assert patient.refresh_token is not None
+    started = time.perf_counter()
+    assert refresh(http, sandbox, patient.refresh_token).status_code == 200
+    assert time.perf_counter() - started >= 0.3
 
 
 def test_narrow_scopes_withholds_a_scope_at_consent(sandbox: Sandbox, http: httpx.Client) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,7 +15,9 @@ from loop_sync.config import Settings
 from loop_sync.sandbox import Sandbox
 from loop_sync.schema import biomarker_results, sync_runs, sync_state
 from loop_sync.services import Services
+from tests.support import settings_env
 
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DAY = 86_400
 TEST_RPS = 1000.0  # our client budget, unless a test is about rate limits
 # Every column of biomarker_results but the two that say *when* loop-sync wrote a row.
@@ -32,6 +36,22 @@ def fast(settings: Settings, **overrides: Any) -> Settings:
 def with_settings(services: Services, **overrides: Any) -> Services:
     """The same services (engine, vault) with some settings changed for a run."""
     return services.with_settings(fast(services.settings, **overrides))
+
+
+def worker_env(settings: Settings, **overrides: str) -> dict[str, str]:
+    """The environment of a sync worker subprocess (tests/sync/worker.py), configured as an
+    operator would; small pages and concurrency make a run take long enough to be killed."""
+    return {
+        **os.environ,
+        "PYTHONPATH": str(PROJECT_ROOT),
+        **settings_env(
+            settings,
+            LOOP_SYNC_RATE_LIMIT_RPS="1000",
+            LOOP_SYNC_CONCURRENCY="2",
+            LOOP_SYNC_PAGE_SIZE="10",  # several requests per user: each batch takes a while
+            **overrides,
+        ),
+    }
 
 
 def consent(services: Services, *user_ids: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
@@ -14,16 +13,13 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy import select
 
-from loop_sync.config import Settings
 from loop_sync.sandbox import Knobs, Sandbox, SandboxConfig
 from loop_sync.sandbox.authority import user_ids
 from loop_sync.schema import raw_records, sync_runs, sync_state, upgrade
 from loop_sync.services import Services
 from loop_sync.sync import run_sync, select_users
-from tests.support import settings_env
-from tests.sync.helpers import consent, content, count, rows
+from tests.sync.helpers import consent, content, count, rows, worker_env
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 USERS = 12
 BATCH_SIZE = 2
 # Three kill points, drawn once from a seed: after 1..4 of the 6 batches are committed,
@@ -46,20 +42,6 @@ def sandbox_config() -> SandboxConfig:
         knobs=Knobs(auto_approve=True),
         frozen_clock=True,
     )
-
-
-def worker_env(settings: Settings) -> dict[str, str]:
-    """The worker's configuration, as an operator would set it."""
-    return {
-        **os.environ,
-        "PYTHONPATH": str(PROJECT_ROOT),
-        **settings_env(
-            settings,
-            LOOP_SYNC_RATE_LIMIT_RPS="1000",
-            LOOP_SYNC_CONCURRENCY="2",
-            LOOP_SYNC_PAGE_SIZE="10",  # several requests per user: each batch takes a while
-        ),
-    }
 
 
 def committed(services: Services) -> int:
