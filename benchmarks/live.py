@@ -47,7 +47,7 @@ WIPED = (
     "sync_state",
     "sync_runs",
 )
-# The time split, in the order the data flows; `syncing` is the wall time of the work.
+# The time split, in the order the data flows.
 STAGES = ("rate_wait", "http", "json_decode", "hash", "normalize", "db_write")
 
 
@@ -331,7 +331,7 @@ def _overhead(result: dict[str, Any]) -> float:
     """The share of the flow's wall time spent outside the sync work itself: Prefect
     (flow and task runs, states, artifacts) and our bookkeeping (sync_runs, selection)."""
     wall: float = result["wall_s"]
-    syncing: float = result["seconds"].get("syncing", 0.0)
+    syncing: float = result["syncing_s"]
     return max(0.0, wall - syncing) / wall if wall else 0.0
 
 
@@ -443,6 +443,7 @@ def child_main(shard: int, shards: int) -> None:
         "rows_rejected": summary.rows_rejected,
         "failures": summary.failures,
         "seconds": summary.seconds,
+        "syncing_s": summary.syncing_s(),
     }
     print(MARK + json.dumps(figures), flush=True)
 

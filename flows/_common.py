@@ -15,9 +15,10 @@ Final state, the operators' contract (docs/orchestration.md, "Final states"):
 
 Services (settings read once, the engine, the token vault) are built once per flow run and
 reach the tasks through a context variable, never as task parameters, so Prefect neither
-hashes nor records them. Tasks run one after another in the flow's thread, so a process
-has one rate budget for Loop at any time; with `shards` workers each takes an equal share
-of the client's rate (`LOOP_SYNC_RATE_LIMIT_RPS / shards`).
+hashes nor records them. Batches run two at a time (`BATCHES_AT_ONCE`), in the task
+runner's threads, and share the process's one rate budget for Loop and its one writer;
+with `shards` workers each takes an equal share of the client's rate
+(`LOOP_SYNC_RATE_LIMIT_RPS / shards`).
 
 Tokens are never parameters, results, artifacts or log lines: every task that may touch
 one uses `cache_policy=NO_CACHE` and `persist_result=False` and returns only counts.
@@ -31,6 +32,7 @@ that ends a flow or task run, it is logged as its one line, without a traceback.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -41,6 +43,7 @@ from prefect import State, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
+from prefect.futures import PrefectFuture
 from prefect.states import Completed, Failed
 from prefect.tasks import Task
 from sqlalchemy.exc import OperationalError
@@ -73,6 +76,8 @@ __all__ = [
 ]
 
 BATCH_SIZE = 500  # users per task: ~30 task runs/s is all a SQLite-backed server records
+# A batch's end has no fetching left, only its last writes: the next batch fetches then.
+BATCHES_AT_ONCE = 2
 TASK_RETRIES = 2
 TASK_RETRY_DELAYS_S = [30.0, 120.0]  # Loop or the database had a moment; give it time
 FAILURES_SHOWN = 100  # users listed in the failures artifact; sync_state holds them all
@@ -206,25 +211,34 @@ def run_in_batches(
     summary: RunSummary,
     user_ids: Sequence[str],
     batch_size: int,
-    run_batch: Callable[[list[str], int], SyncCounts],
+    submit_batch: Callable[[list[str], int], PrefectFuture[SyncCounts]],
 ) -> None:
-    """Feed the users to `run_batch` (a task call) `batch_size` at a time, in order.
+    """Feed the users to `submit_batch` (a task's submit) `batch_size` at a time, in
+    order, with at most BATCHES_AT_ONCE running.
 
     A batch that still fails after its retries counts its users as failed and the run
-    goes on with the next batch: one bad batch never stops the others.
+    goes on with the others: one bad batch never stops them.
     """
+    running: deque[tuple[list[str], int, PrefectFuture[SyncCounts]]] = deque()
     for number, start in enumerate(range(0, len(user_ids), batch_size), start=1):
         batch = list(user_ids[start : start + batch_size])
-        try:
-            counts = run_batch(batch, number)
-        except Exception as exc:  # recorded, and the run goes on
-            reason = f"batch {number} failed: {_reason(exc)}"
-            counts = SyncCounts(
-                users_attempted=len(batch),
-                users_failed=len(batch),
-                failures=dict.fromkeys(batch, reason),
-            )
-        summary.merge(counts)
+        running.append((batch, number, submit_batch(batch, number)))
+        if len(running) == BATCHES_AT_ONCE:
+            summary.merge(_outcome(*running.popleft()))
+    while running:
+        summary.merge(_outcome(*running.popleft()))
+
+
+def _outcome(batch: list[str], number: int, future: PrefectFuture[SyncCounts]) -> SyncCounts:
+    try:
+        return future.result()
+    except Exception as exc:  # recorded, and the run goes on
+        reason = f"batch {number} failed: {_reason(exc)}"
+        return SyncCounts(
+            users_attempted=len(batch),
+            users_failed=len(batch),
+            failures=dict.fromkeys(batch, reason),
+        )
 
 
 @contextmanager

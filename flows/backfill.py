@@ -90,7 +90,7 @@ def backfill(  # noqa: PLR0917  (callers name flow parameters: --param)
             summary,
             chosen,
             batch_size,
-            lambda batch, number: backfill_batch(
+            lambda batch, number: backfill_batch.submit(
                 summary.run_id,
                 batch,
                 number,

@@ -49,6 +49,6 @@ def sync_biomarkers(
             summary,
             users,
             batch_size,
-            lambda batch, number: sync_batch(summary.run_id, batch, number, concurrency),
+            lambda batch, number: sync_batch.submit(summary.run_id, batch, number, concurrency),
         )
     return final_state(summary)

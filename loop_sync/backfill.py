@@ -8,13 +8,13 @@ the latest landed version of each record, e.g. after a catalog or normalizer cha
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
 from typing import Any, Literal
 
 from sqlalchemy import Engine, func, select
 
+from loop_sync.lenient import read_lenient
 from loop_sync.load import UserPull, write_batch
 from loop_sync.schema import biomarker_results, raw_records
 from loop_sync.services import Services
@@ -101,5 +101,5 @@ def _latest_landed(engine: Engine, user_id: str, start: date | None, end: date |
         .order_by(raw_records.c.result_id)
     )
     with engine.connect() as connection:
-        records = [json.loads(payload) for payload in connection.execute(query).scalars()]
+        records = [read_lenient(payload) for payload in connection.execute(query).scalars()]
     return [record for record in records if in_window(record, start, end)]

@@ -6,6 +6,17 @@ caller soft-deletes ids missing from a complete pull. Each request is retried pe
 stamina-style predicate, `retry_wait`; the per-user time budget bounds the whole pull.
 Tokens come from the vault through `VaultAuth`. No token and no record value (PHI) is ever
 logged or put in an exception: logs carry user ids, offsets, statuses and counts.
+
+Reading a page (`parse_page`) is orjson's, with Python's json as the fallback for what orjson
+refuses (UTF-16, NaN, ±Infinity, lone surrogates, escaped or encoded). Decisions where
+Loop is silent:
+
+- What orjson refuses is read by `lenient.read_lenient`, which agrees with orjson (an
+  integer beyond 64 bits is the nearest float) and marks NaN and ±Infinity.
+- A page nesting arrays and objects more than `MAX_DEPTH` (254) levels deep is malformed
+  (Loop's pages nest 3 or 4): retried, and then that user's sync fails, with the reason,
+  until the next run. 254 is what orjson writes, so every record the client returns can be
+  landed and rejected as it is, with no recursion limit in the way.
 """
 
 from __future__ import annotations
@@ -20,7 +31,7 @@ import time
 from collections.abc import AsyncGenerator, Generator
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, Final
 
 import httpx
 import orjson
@@ -34,6 +45,7 @@ from loop_sync.errors import (
     RefreshOutcomeUnknown,
     TransientError,
 )
+from loop_sync.lenient import read_lenient
 from loop_sync.ratelimit import (
     DEFAULT_RETRY_POLICY,
     MalformedPage,
@@ -50,6 +62,8 @@ log = logging.getLogger(__name__)
 HTTP_TIMEOUT = httpx.Timeout(30.0, connect=5.0)  # a GET is safe to retry after a timeout
 _ERROR_CODE = re.compile(r"[a-z_]{1,64}")  # Loop's codes; anything else is not echoed
 _CHALLENGE_ERROR = re.compile(r'(?:^|[\s,])error="([^"]*)"')
+MAX_DEPTH: Final = 254  # levels of nesting a page may have (the page itself is level 1)
+TOO_DEEP: Final = f"JSON nested more than {MAX_DEPTH} levels deep"
 
 
 class UserSyncFailed(LoopSyncError):
@@ -108,13 +122,17 @@ def parse_page(response: httpx.Response) -> _Page:
     try:
         body = orjson.loads(response.content)
     except orjson.JSONDecodeError:
-        try:  # what orjson refuses but Python's json reads: UTF-16, NaN, huge integers
-            body = response.json()
+        try:  # what orjson refuses but Python's json reads: UTF-16, NaN, lone surrogates
+            body = read_lenient(response.content)
+        except RecursionError:  # deeper than Python's json reads (orjson reads 1,024 levels)
+            raise MalformedPage(TOO_DEEP) from None
         except ValueError:  # not JSON, truncated JSON or undecodable bytes
             html = "html" in response.headers.get("content-type", "")
             raise MalformedPage("an HTML page" if html else "a body that is not JSON") from None
     if not isinstance(body, dict):
         raise MalformedPage("JSON that is not an object")
+    if _too_deep(body):
+        raise MalformedPage(TOO_DEEP)
     key = next((k for k in contract.PAGE_ARRAY_KEYS if k in body), None)
     if key is None or not isinstance(body[key], list):
         raise MalformedPage(f"JSON with no list under {' or '.join(contract.PAGE_ARRAY_KEYS)}")
@@ -122,6 +140,25 @@ def parse_page(response: httpx.Response) -> _Page:
     if not isinstance(total, int) or isinstance(total, bool) or total < 0:
         raise MalformedPage("JSON with no integer total")
     return _Page(body[key], total)
+
+
+def _too_deep(body: dict[str, Any]) -> bool:
+    """Whether the page nests more than MAX_DEPTH levels. orjson writes exactly that many, so
+    a page it writes is fine (at C speed); one it refuses (too deep, or holding a lone
+    surrogate) is walked, a level at a time."""
+    try:
+        orjson.dumps(body)
+    except orjson.JSONEncodeError:
+        level: list[Any] = [body]
+        for _ in range(MAX_DEPTH):
+            level = [
+                child
+                for container in level
+                for child in (container.values() if isinstance(container, dict) else container)
+                if isinstance(child, dict | list)
+            ]
+        return bool(level)
+    return False
 
 
 class VaultAuth(httpx.Auth):

@@ -3,34 +3,48 @@
 The hash is also how a re-sync recognises what it already has: a record whose hash is
 already live in the warehouse (or already rejected) costs no normalization and no write.
 Hashing is on the hot path of every sync, so the canonical text comes from orjson (about
-5x the standard library); the few values orjson cannot write (integers beyond 64 bits,
-which only the lenient fallback decoder produces) take the standard library's path.
+5x the standard library). The few records orjson cannot write faithfully take the standard
+library's path, written ASCII-only: lone surrogates (escaped, so the text can be encoded
+and stored) and NaN and ±Infinity, which `lenient.read_lenient` reads as `NonFinite`. The
+client keeps every record within the nesting orjson writes (see `loop_sync.client`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 import orjson
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, String, select
 
 from loop_sync.db import bulk_insert
 from loop_sync.schema import raw_records
 
 _RAW_COLUMNS = ("user_id", "content_hash", "result_id", "payload", "fetched_at")
+_UNSTORABLE: Final = re.compile("[\x00\ud800-\udfff]")  # NUL, and what UTF-8 cannot encode
+
+
+def _varchar_length(kind: Any) -> int:
+    if not isinstance(kind, String) or kind.length is None:
+        msg = f"{kind!r} is not a VARCHAR with a length"
+        raise TypeError(msg)
+    return kind.length
+
+
+_RESULT_ID_LENGTH: Final = _varchar_length(raw_records.c.result_id.type)
 
 
 def canonical_json(record: Any) -> str:
-    """One text per JSON value, whatever the key order Loop used."""
+    """One text per JSON value, whatever the key order Loop used, and faithful to it."""
     try:
         return orjson.dumps(record, option=orjson.OPT_SORT_KEYS).decode()
-    except orjson.JSONEncodeError:
-        return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    except orjson.JSONEncodeError:  # a lone surrogate, or a NonFinite
+        return json.dumps(record, sort_keys=True, separators=(",", ":"))
 
 
 def content_hash(record: Any) -> str:
@@ -42,10 +56,15 @@ def _digest(canonical: str) -> str:
 
 
 def record_id(record: Any) -> str | None:
-    """The record's Loop id when it has a usable one."""
+    """The record's Loop id when the warehouse can store it as one: a string of 1 to 255
+    characters without NUL or a lone surrogate (normalize rejects the others)."""
     if isinstance(record, dict):
         value = record.get("id")
-        if isinstance(value, str) and value:
+        if (
+            isinstance(value, str)
+            and 0 < len(value) <= _RESULT_ID_LENGTH
+            and not _UNSTORABLE.search(value)
+        ):
             return value
     return None
 

@@ -10,6 +10,11 @@ reading what the warehouse holds for them, in one query by user. Every decision 
 corrected, restored, stale, gone) is then made in memory against that snapshot, which the
 lock keeps true, and the rows go to the database by COPY into a staging table followed by
 set-based statements: the write path runs near COPY speed rather than statement speed.
+
+A result id belongs to the first user it was written for. Another user's record with the
+same id (Loop listing one result for two people: bad data) is rejected, `HELD_ELSEWHERE`,
+rather than taking the row over, which would hand one person's result to another; the
+reject keeps the record, so nothing is lost.
 """
 
 from __future__ import annotations
@@ -38,8 +43,8 @@ from sqlalchemy import (
 )
 
 from loop_sync.db import bulk_insert, dialect_insert
-from loop_sync.landing import land, record_id, triage
-from loop_sync.normalize import normalize
+from loop_sync.landing import Fresh, land, record_id, triage
+from loop_sync.normalize import REJECT_COLUMNS, normalize
 from loop_sync.schema import (
     RESULT_COLUMN_NAMES,
     biomarker_result_history,
@@ -50,6 +55,7 @@ from loop_sync.schema import (
 )
 
 CHUNK = 5_000  # ids per IN (...) list: well under SQLite's parameter limit
+HELD_ELSEWHERE = "id is held by another user"  # a reject reason (see `upsert_results`)
 _STAGED = (*RESULT_COLUMN_NAMES, "corrected")
 
 
@@ -138,10 +144,12 @@ def write_batch(
         normalized = normalize(fresh.user_ids, fresh.records, fresh.hashes)
         writing = time.perf_counter()
         land(connection, fresh, now)
-        counts.rejected = _upsert_rejects(connection, normalized.rejects, now)
-        counts.inserted, counts.updated = upsert_results(
-            connection, normalized.results, held, now, force=force
-        )
+        written = upsert_results(connection, normalized.results, held, now, force=force)
+        counts.inserted, counts.updated = written.inserted, written.updated
+        refused = normalized.rejects
+        if written.held_elsewhere:
+            refused = pd.concat([refused, _held_elsewhere(fresh, written.held_elsewhere)])
+        counts.rejected = _upsert_rejects(connection, refused, now)
         counts.deleted = _soft_delete(connection, [p for p in changed if p.complete], held, now)
         if record_state:
             _record_success(connection, pulls, run_id=run_id, now=now)
@@ -214,8 +222,9 @@ def driver_values(series: pd.Series) -> list[Any]:
     Done per column with numpy rather than per cell: this runs for every row written.
     """
     if isinstance(series.dtype, pd.DatetimeTZDtype):
-        naive = series.dt.tz_convert(UTC).dt.tz_localize(None).to_numpy("datetime64[us]")
-        return [None if v is None else v.replace(tzinfo=UTC) for v in naive.astype(object)]
+        moments = pd.DatetimeIndex(series).tz_convert(UTC).to_pydatetime()  # in C
+        moments[series.isna().to_numpy()] = None
+        return moments.tolist()
     if series.dtype == np.float64:
         numbers = series.to_numpy()
         boxed = numbers.astype(object)
@@ -243,6 +252,12 @@ def _upsert_rejects(connection: Connection, frame: pd.DataFrame, now: datetime) 
     return len(rows)
 
 
+class Written(NamedTuple):
+    inserted: int
+    updated: int
+    held_elsewhere: set[tuple[str, str]]  # (user_id, content_hash): see `_held_elsewhere`
+
+
 def upsert_results(
     connection: Connection,
     frame: pd.DataFrame,
@@ -250,41 +265,75 @@ def upsert_results(
     now: datetime,
     *,
     force: bool = False,
-) -> tuple[int, int]:
+) -> Written:
     """Insert new results; replace corrected or restore deleted ones, keeping history.
 
-    `held` is `held_results` for the frame's users. Returns (inserted, updated). A row
-    whose revision is older than the one held is stale and skipped (design: only a higher
-    revision replaces); one identical to a live row is skipped unless `force`d (a replay).
+    `held` is `held_results` for the frame's users. A row whose revision is older than the
+    one held is stale and skipped (design: only a higher revision replaces); one identical
+    to a live row is skipped unless `force`d (a replay). A result id belongs to the user it
+    was first written for: another user's row with that id is not written but returned in
+    `held_elsewhere` (the upsert's own conflict check finds ids held outside the batch).
     """
     if frame.empty:
-        return 0, 0
-    frame = frame.drop_duplicates("result_id", keep="last")
+        return Written(0, 0, set())
+    first_lister = frame.groupby("result_id", sort=False)["user_id"].transform("first")
+    duplicate = frame["user_id"] != first_lister  # another user of the batch listed it first
+    elsewhere = set(zip(frame["user_id"][duplicate], frame["content_hash"][duplicate], strict=True))
+    frame = frame[~duplicate].drop_duplicates("result_id", keep="last")
     keep = np.zeros(len(frame), dtype=bool)
     corrected = np.zeros(len(frame), dtype=bool)
-    inserted = 0
-    for position, (result_id, digest, revision) in enumerate(
-        zip(frame["result_id"], frame["content_hash"], frame["revision"], strict=True)
+    new = np.zeros(len(frame), dtype=bool)
+    for position, (result_id, user_id, digest, revision) in enumerate(
+        zip(
+            frame["result_id"],
+            frame["user_id"],
+            frame["content_hash"],
+            frame["revision"],
+            strict=True,
+        )
     ):
         current = held.get(result_id)
         if current is None:
-            inserted += 1
-            keep[position] = True
+            new[position] = keep[position] = True
+        elif current.user_id != user_id:
+            elsewhere.add((user_id, digest))
         elif revision >= current.revision:
             corrected[position] = digest != current.content_hash
             keep[position] = corrected[position] or not current.live or force
     if not keep.any():
-        return 0, 0
+        return Written(0, 0, elsewhere)
     columns = [driver_values(frame[name][keep]) for name in RESULT_COLUMN_NAMES]
     columns.append(corrected[keep].tolist())
     _stage.create(connection)
     bulk_insert(connection, _stage, _STAGED, zip(*columns, strict=True))
     if corrected.any():
         _keep_history(connection, _stage, now)
-    connection.execute(_upsert_from(connection, _stage, now, force=force))
+    upsert = _upsert_from(connection, _stage, now, force=force)
+    inserted = int(new.sum())
+    if inserted:  # ids new to these users may be another user's: see which were written
+        written = set(connection.execute(upsert.returning(biomarker_results.c.result_id)).scalars())
+        taken = frame[new & ~frame["result_id"].isin(written).to_numpy()]
+        elsewhere.update(zip(taken["user_id"], taken["content_hash"], strict=True))
+        inserted -= len(taken)
+    else:
+        connection.execute(upsert)
     if connection.dialect.name != "postgresql":
         _stage.drop(connection)  # PostgreSQL drops it at commit; a rollback undoes it anyway
-    return inserted, int(keep.sum()) - inserted
+    return Written(inserted, int(keep.sum()) - int(new.sum()), elsewhere)
+
+
+def _held_elsewhere(fresh: Fresh, refused: set[tuple[str, str]]) -> pd.DataFrame:
+    """Rejects for the records whose id belongs to another user: Loop listing one result
+    for two people is bad data, and taking the row over would hand one person's result
+    to another. The reject keeps the record as it was landed, so nothing is lost."""
+    rows = [
+        (user_id, digest, record_id(record), HELD_ELSEWHERE, payload)
+        for user_id, record, digest, payload in zip(
+            fresh.user_ids, fresh.records, fresh.hashes, fresh.payloads, strict=True
+        )
+        if (user_id, digest) in refused
+    ]
+    return pd.DataFrame(rows, columns=list(REJECT_COLUMNS), dtype=object)
 
 
 # A temporary table shaped like the result columns, plus whether a row is a correction;
@@ -315,8 +364,8 @@ def _keep_history(connection: Connection, stage: Table, now: datetime) -> None:
 
 
 def _upsert_from(connection: Connection, stage: Table, now: datetime, *, force: bool) -> Any:
-    """INSERT … SELECT FROM the stage ON CONFLICT (result_id) DO UPDATE, where the row
-    changed or was deleted (always, when `force`d by a replay)."""
+    """INSERT … SELECT FROM the stage ON CONFLICT (result_id) DO UPDATE, where the row is
+    the same user's and changed or was deleted (always, when `force`d by a replay)."""
     moment = literal(now, biomarker_results.c.last_changed_at.type)
     source = select(*(stage.c[name] for name in RESULT_COLUMN_NAMES), moment, moment, null()).where(
         true()
@@ -325,6 +374,7 @@ def _upsert_from(connection: Connection, stage: Table, now: datetime, *, force: 
         [*RESULT_COLUMN_NAMES, "first_seen_at", "last_changed_at", "deleted_at"], source
     )
     changed = {name: statement.excluded[name] for name in RESULT_COLUMN_NAMES}
+    own = biomarker_results.c.user_id == statement.excluded.user_id  # never another's row
     return statement.on_conflict_do_update(
         index_elements=["result_id"],
         set_={
@@ -332,10 +382,13 @@ def _upsert_from(connection: Connection, stage: Table, now: datetime, *, force: 
             "last_changed_at": statement.excluded.last_changed_at,
             "deleted_at": None,
         },
-        where=None
+        where=own
         if force
-        else (biomarker_results.c.content_hash != statement.excluded.content_hash)
-        | biomarker_results.c.deleted_at.is_not(None),
+        else own
+        & (
+            (biomarker_results.c.content_hash != statement.excluded.content_hash)
+            | biomarker_results.c.deleted_at.is_not(None)
+        ),
     )
 
 
@@ -347,15 +400,16 @@ def _soft_delete(
     A pull holding a record without a usable id (malformed, hence rejected) proves nothing
     about absence: that record may be any of the user's results, so it deletes nothing.
     """
-    complete = [pull for pull in complete if all(map(record_id, pull.records))]
-    if not complete:
+    listed = [(pull.user_id, list(map(record_id, pull.records))) for pull in complete]
+    listed = [(user_id, ids) for user_id, ids in listed if all(ids)]
+    if not listed:
         return 0
-    users = {pull.user_id for pull in complete}
-    seen = {rid for pull in complete for rid in map(record_id, pull.records) if rid}
+    users = {user_id for user_id, _ in listed}
+    seen = {(user_id, rid) for user_id, ids in listed for rid in ids}  # per user: see HELD_...
     gone = [
         rid
         for rid, current in held.items()
-        if current.live and current.user_id in users and rid not in seen
+        if current.live and current.user_id in users and (current.user_id, rid) not in seen
     ]
     for chunk in _chunks(gone):
         connection.execute(

@@ -38,7 +38,9 @@ Decisions where Loop and the brief are silent:
 - Timestamps: ISO 8601 only. ``collected_at`` without a zone is kept verbatim in
   ``collected_at_source``, ``collected_at`` null, flagged ``naive_timestamp``; a date-only
   ``collected_at`` counts as without zone. ``parsed_at`` and ``updated_at`` without a zone are
-  rejected (never guessed). Digits past microseconds are truncated.
+  rejected (never guessed). Digits past microseconds are truncated. A moment outside the
+  years 1 to 9999 in UTC (e.g. ``0000-06-01T00:00:00Z``, or ``9999-12-31T23:00:00-05:00``)
+  is not a timestamp: no datetime the warehouse drivers take can hold it.
 - ``revision``: a JSON integer (or an integral float such as ``2.0``) from 1 to 2**31-1 (the
   column is a 32-bit INTEGER); absent or null means 1.
 - ``status`` is never a reason to reject: anything but normal/low/high/critical gives a null
@@ -71,6 +73,7 @@ from sqlalchemy import String
 
 from loop_sync import contract, schema
 from loop_sync.catalog import load_catalog
+from loop_sync.lenient import NonFinite
 
 Bools = npt.NDArray[np.bool_]
 Floats = npt.NDArray[np.float64]
@@ -130,6 +133,9 @@ _FLOAT_COLUMNS: Final = (
 )
 _TIME_COLUMNS: Final = ("collected_at", "parsed_at", "updated_at")
 _TIME_DTYPE: Final = "datetime64[us, UTC]"
+# What Python's datetime (hence every driver) can hold; pandas parses years 0 and 10000 too.
+_EARLIEST: Final = pd.Timestamp("0001-01-01T00:00:00", tz="UTC")
+_LATEST: Final = pd.Timestamp("9999-12-31T23:59:59.999999", tz="UTC")
 
 # value_text: an optional censoring operator, then a plain decimal number.
 _VALUE_TEXT: Final = re.compile(
@@ -414,7 +420,7 @@ def _numbers(column: pd.Series) -> _Numbers:
             values = np.asarray(column.astype(np.float64), dtype=np.float64)
             not_number = np.zeros(len(column), dtype=bool)
     if values is None:
-        is_number = np.array(column.map(type).isin([int, float]), dtype=bool)
+        is_number = np.array(column.map(type).isin([int, float, NonFinite]), dtype=bool)
         not_number = _present(column) & ~is_number
         numbers = _keep(column.to_numpy(object), is_number)
         values = pd.Series(numbers, dtype=object).map(_to_float).to_numpy(np.float64)
@@ -474,7 +480,7 @@ def _times(column: pd.Series, field: str, problems: Problems, *, required: bool)
         stripped = stripped.str.replace(_SUBMICRO, r"\1", regex=True)
     moments = pd.to_datetime(stripped, utc=True, format="ISO8601", errors="coerce")
     moments = moments.astype(_TIME_DTYPE)
-    usable &= np.array(moments.notna(), dtype=bool)
+    usable &= np.array((moments >= _EARLIEST) & (moments <= _LATEST), dtype=bool)  # NaT: no
     zoned = np.array(stripped.str.contains(_ZONED.pattern, flags=_ZONED.flags), dtype=bool)
     parsed = np.append(usable, False)[codes]
     problems.append((found.is_text & ~parsed, f"{field} is not a timestamp"))

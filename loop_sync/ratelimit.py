@@ -9,6 +9,12 @@ reserves its slot without awaiting anything in between, so it needs no `asyncio.
 and works from several event loops; a `threading.Lock` guards the few lines that touch
 the state, so threads that each run their own loop (a flow's task runner) may share it.
 
+`budget_for` spends a little under Loop's limit (`HEADROOM`). At exactly the limit the two
+buckets drift apart: Loop's is full whenever requests reach it late (jitter, a busy
+moment on either side) and loses that refill, while ours does not, so ours runs ahead and
+Loop answers 429; every 429 then stops the whole client for its `Retry-After` (a second
+at least), which costs far more than the headroom.
+
 `X-RateLimit-Remaining`/`Reset` are deliberately not acted on: Loop does not document
 whether `Reset` means seconds or an epoch, nor "until one request" or "until the window
 is full", and misreading it would stall every user. The 429 with its `Retry-After` is
@@ -40,6 +46,7 @@ __all__ = [
     "MalformedPage",
     "RateBudget",
     "RetryPolicy",
+    "budget_for",
     "full_jitter_backoff",
     "parse_retry_after",
     "retry_wait",
@@ -50,6 +57,7 @@ Sleep = Callable[[float], Awaitable[None]]
 
 _jitter = random.Random()  # noqa: S311  (spreads retries; not cryptography)
 TRANSIENT_STATUSES = frozenset({500, 502, 503, 504})
+HEADROOM = 0.95  # the share of Loop's limit the budget spends (see the module docstring)
 
 
 class RateBudget:
@@ -132,6 +140,11 @@ class RateBudget:
     def pause_for(self, seconds: float) -> None:
         """`pause_until` that many seconds from now."""
         self.pause_until(self._clock() + max(0.0, seconds))
+
+
+def budget_for(limit_rps: float) -> RateBudget:
+    """The budget for a client Loop allows `limit_rps` requests per second."""
+    return RateBudget(limit_rps * HEADROOM)
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:

@@ -16,7 +16,7 @@ from loop_sync.db import check_database, make_engine
 from loop_sync.errors import ConfigError
 from loop_sync.oidc import OidcClient
 from loop_sync.onboarding import Onboarding
-from loop_sync.ratelimit import RateBudget
+from loop_sync.ratelimit import RateBudget, budget_for
 from loop_sync.schema import GRANT_ACTIVE, grants, require_schema, tokens
 from loop_sync.vault import TokenVault
 
@@ -44,7 +44,7 @@ class Services:
         oidc = OidcClient(settings)
         vault = TokenVault(engine, cipher, oidc)
         onboarding = Onboarding(engine, cipher, oidc, vault)
-        budget = RateBudget(settings.rate_limit_rps)
+        budget = budget_for(settings.rate_limit_rps)
         return cls(settings, engine, cipher, oidc, vault, onboarding, budget)
 
     def check(
@@ -78,7 +78,7 @@ class Services:
     def with_settings(self, settings: Settings) -> Services:
         """The same connections under other settings, with a budget for their rate."""
         return dataclasses.replace(
-            self, settings=settings, budget=RateBudget(settings.rate_limit_rps)
+            self, settings=settings, budget=budget_for(settings.rate_limit_rps)
         )
 
     def close(self) -> None:

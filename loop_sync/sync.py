@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 import zlib
@@ -51,9 +52,11 @@ class SyncCounts:
     rows_unchanged: int = 0
     failures: dict[str, str] = field(default_factory=dict)
     # Where the time went, summed over users and batches (fetches overlap each other and
-    # the writes): rate_wait, http, json_decode, hash, normalize, db_write, and `syncing`,
-    # the wall time inside `pull_and_write`, which the rest of a run's time is overhead to.
+    # the writes): rate_wait, http, json_decode, hash, normalize, db_write.
     seconds: dict[str, float] = field(default_factory=dict)
+    # When `pull_and_write` ran (time.perf_counter at start and end): the rest of a run's
+    # wall time is overhead. Batches run at once, so that is the union, not the sum.
+    spans: list[tuple[float, float]] = field(default_factory=list)
 
     def add(self, counts: LoadCounts) -> None:
         self.rows_inserted += counts.inserted
@@ -72,10 +75,19 @@ class SyncCounts:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.failures.update(other.failures)
         self.spent(other.seconds)
+        self.spans += other.spans
+
+    def syncing_s(self) -> float:
+        """Wall seconds during which some `pull_and_write` ran (the union of the spans)."""
+        total, reached = 0.0, -math.inf
+        for start, end in sorted(self.spans):
+            total += max(0.0, end - max(start, reached))
+            reached = max(reached, end)
+        return total
 
 
 def _counters() -> Iterator[str]:
-    return (f.name for f in fields(SyncCounts) if f.name not in ("failures", "seconds"))
+    return (f.name for f in fields(SyncCounts) if f.name not in ("failures", "seconds", "spans"))
 
 
 @dataclass(kw_only=True)
@@ -263,7 +275,7 @@ async def pull_and_write(
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-    pipe.counts.spent({"syncing": time.perf_counter() - started})
+    pipe.counts.spans.append((started, time.perf_counter()))
     return pipe.counts
 
 

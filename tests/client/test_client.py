@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -398,6 +400,44 @@ def test_page_accepts_either_array_key_and_keeps_records_as_sent() -> None:
     for key in contract.PAGE_ARRAY_KEYS:
         page = parse_page(httpx.Response(200, json={key: records, "total": 3}))
         assert (page.records, page.total) == (records, 3)
+
+
+def nested_page(depth: int, **fields: Any) -> httpx.Response:
+    """A page nesting `depth` levels (the page is level 1, its record level 3), written by
+    hand: Python's json cannot write the deepest."""
+    text = json.dumps({"data": [{"id": "r1", **fields, "x": "<deep>"}], "total": 1})
+    levels = depth - 3
+    return httpx.Response(200, content=text.replace('"<deep>"', "[" * levels + "]" * levels))
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{}, {"value": math.nan}, {"note": "\ud800"}],
+    ids=["read-by-orjson", "read-by-python-json", "read-by-python-json-and-walked"],
+)
+def test_a_page_may_nest_254_levels_and_a_deeper_one_is_malformed(fields: dict[str, Any]) -> None:
+    """254 levels is what the landing can write; deeper is a malformed page whichever reader
+    read it, and past what Python's json reads it is the same, never a RecursionError."""
+    assert len(parse_page(nested_page(254, **fields)).records) == 1
+    for depth in (255, 1024, 1100, 30_000):
+        with pytest.raises(MalformedPage, match="JSON nested more than 254 levels deep"):
+            parse_page(nested_page(depth, **fields))
+
+
+def test_an_integer_beyond_64_bits_reads_as_the_nearest_float_whichever_reader_reads_it() -> None:
+    """orjson reads UTF-8 pages, Python's json UTF-16 ones (and NaN, lone surrogates): a
+    record must read, and so hash, the same either way."""
+    record = {"a": 2**64 - 1, "b": -(2**63), "c": 2**64, "d": -(2**63) - 1, "e": 10**30}
+    expected = {"a": 2**64 - 1, "b": -(2**63), "c": 2.0**64, "d": -(2.0**63), "e": 1e30}
+    text = json.dumps({"data": [record], "total": 1})
+    for body in (text.encode(), text.encode("utf-16")):
+        (read,) = parse_page(httpx.Response(200, content=body)).records
+        assert read == expected
+        assert [type(value) for value in read.values()] == [int, int, float, float, float]
+    (beyond_a_float,) = parse_page(
+        httpx.Response(200, content=b'{"data":[%b],"total":1}' % (b"9" * 400))
+    ).records
+    assert beyond_a_float == math.inf
 
 
 @pytest.mark.parametrize(

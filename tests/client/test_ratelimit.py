@@ -18,9 +18,11 @@ from loop_sync.errors import (
 )
 from loop_sync.ratelimit import (
     DEFAULT_RETRY_POLICY,
+    HEADROOM,
     MalformedPage,
     RateBudget,
     RetryPolicy,
+    budget_for,
     full_jitter_backoff,
     parse_retry_after,
     retry_wait,
@@ -85,6 +87,13 @@ def test_default_burst_is_one_seconds_worth_and_at_least_one() -> None:
     assert RateBudget(2.5).burst == 3
     assert RateBudget(0.5).burst == 1
     assert RateBudget(10).burst == 10
+
+
+def test_the_budget_for_loops_limit_spends_a_little_under_it() -> None:
+    """Spent at exactly Loop's limit, the budget runs ahead of Loop's bucket (which loses
+    refill whenever requests reach it late) and meets 429s, each a second of silence."""
+    assert budget_for(20.0).rate == pytest.approx(20.0 * HEADROOM)
+    assert 0.9 <= HEADROOM < 1
 
 
 def test_pause_holds_everyone_until_the_deadline_then_resumes_one_at_a_time() -> None:

@@ -477,6 +477,7 @@ REJECTS: list[tuple[Any, str]] = [
     (record(collected_at=1768033800), "collected_at is not a timestamp"),
     (record(collected_at="yesterday"), "collected_at is not a timestamp"),
     (record(collected_at="2026-13-40T00:00:00Z"), "collected_at is not a timestamp"),
+    (record(collected_at="0000-06-01T00:00:00Z"), "collected_at is not a timestamp"),  # year 0
     (
         record(collected_at="2026-01-10T08:30:00Z" + " " * 60),
         "collected_at is longer than 64 characters",
@@ -484,6 +485,7 @@ REJECTS: list[tuple[Any, str]] = [
     (record(parsed_at=MISSING), "parsed_at is missing"),
     (record(parsed_at={"at": "2026-01-10"}), "parsed_at is not a timestamp"),
     (record(parsed_at="soon"), "parsed_at is not a timestamp"),
+    (record(parsed_at="9999-12-31T23:00:00-05:00"), "parsed_at is not a timestamp"),  # 10000 UTC
     (record(parsed_at="2026-01-10T12:00:00"), "parsed_at has no timezone"),
     (record(loinc=2089), "loinc is not a string"),
     (record(loinc="2089-1" * 6), "loinc is longer than 32 characters"),
@@ -497,6 +499,7 @@ REJECTS: list[tuple[Any, str]] = [
     (record(lab="Quest\x00"), "lab has characters that cannot be stored"),
     (record(updated_at=20260112), "updated_at is not a timestamp"),
     (record(updated_at="later"), "updated_at is not a timestamp"),
+    (record(updated_at="0001-01-01T00:00:00+14:00"), "updated_at is not a timestamp"),  # year 0
     (record(updated_at="2026-01-12T10:00:00"), "updated_at has no timezone"),
     (record(revision="2"), "revision is not a positive integer"),
     (record(revision=0), "revision is not a positive integer"),
@@ -505,6 +508,7 @@ REJECTS: list[tuple[Any, str]] = [
     (record(revision=True), "revision is not a positive integer"),
     (record(revision=float("inf")), "revision is not a positive integer"),
     (record(revision=2**31), "revision is too large"),
+    (record(revision=1e30), "revision is too large"),  # how the client reads 10**30
 ]
 
 

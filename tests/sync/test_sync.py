@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from loop_sync.catalog import CatalogUnit, load_catalog
-from loop_sync.load import LoadCounts, UserPull, write_batch
+from loop_sync.load import HELD_ELSEWHERE, LoadCounts, UserPull, write_batch
 from loop_sync.sandbox import Sandbox
 from loop_sync.schema import (
     biomarker_result_history,
@@ -20,7 +20,7 @@ from loop_sync.schema import (
     rejects,
 )
 from loop_sync.services import Services
-from loop_sync.sync import RunSummary, run_sync, select_users
+from loop_sync.sync import RunSummary, SyncCounts, run_sync, select_users
 from loop_sync.vault import utcnow
 from tests.sync.helpers import (
     DAY,
@@ -517,6 +517,45 @@ def test_a_result_that_comes_back_is_restored_and_landed_once(services: Services
     assert count(services.engine, raw_records) == 1
 
 
+def test_one_result_id_listed_for_two_users_stays_with_the_first_and_is_rejected_for_the_other(
+    services: Services,
+) -> None:
+    """Loop listing one result id for two people, in one batch or in two: the first user's
+    row is neither taken over nor lost, and the other's record waits in rejects."""
+    first, second = ldl_result("res_shared"), {**ldl_result("res_shared"), "value": 99.0}
+    pulls = [UserPull("usr_0001", [first], True), UserPull("usr_0002", [second], True)]
+    together = write_batch(services.engine, pulls, run_id="r1", now=utcnow())
+    apart = write_batch(
+        services.engine, [UserPull("usr_0003", [second], True)], run_id="r2", now=utcnow()
+    )
+
+    assert (together.inserted, together.rejected, apart.inserted, apart.rejected) == (1, 1, 0, 1)
+    with services.engine.connect() as connection:
+        held = connection.execute(
+            select(biomarker_results.c.user_id, biomarker_results.c.value_source)
+        ).all()
+        refused = connection.execute(select(rejects.c.user_id, rejects.c.reason)).all()
+    assert [tuple(row) for row in held] == [("usr_0001", 120.0)]
+    assert sorted(tuple(row) for row in refused) == [
+        ("usr_0002", HELD_ELSEWHERE),
+        ("usr_0003", HELD_ELSEWHERE),
+    ]
+
+
+def test_a_result_one_user_no_longer_lists_is_deleted_though_another_lists_its_id(
+    services: Services,
+) -> None:
+    """Loop moves a result to another person: the first user's complete pull no longer
+    lists it, so their row is deleted, while the other's record waits in rejects."""
+    moved = ldl_result("res_moved")
+    write_batch(services.engine, [UserPull("usr_0001", [moved], True)], run_id="r1", now=utcnow())
+    pulls = [UserPull("usr_0001", [], True), UserPull("usr_0002", [moved], True)]
+    counts = write_batch(services.engine, pulls, run_id="r2", now=utcnow())
+
+    assert (counts.deleted, counts.rejected, counts.inserted) == (1, 1, 0)
+    assert list(live(services.engine, "usr_0001")) == []
+
+
 def test_a_pull_identical_to_the_last_complete_one_writes_only_the_sync_state(
     services: Services,
 ) -> None:
@@ -547,3 +586,12 @@ def test_a_pull_identical_to_the_last_complete_one_writes_only_the_sync_state(
     full = write([first], True, "b" * 64)
     assert full.deleted == 1
     assert list(live(services.engine, "usr_0001")) == ["res_digest_1"]
+
+
+def test_a_runs_time_spent_syncing_counts_batches_that_ran_at_once_only_once() -> None:
+    """A flow runs two batches at once: the wall time spent syncing (what orchestration
+    overhead is measured against) is the union of their spans, not the sum."""
+    counts = SyncCounts(spans=[(0.0, 4.0)])
+    counts.merge(SyncCounts(spans=[(3.0, 6.0), (8.0, 9.0)]))
+    counts.merge(SyncCounts(spans=[(8.5, 8.75)]))
+    assert counts.syncing_s() == 7.0
