@@ -16,9 +16,9 @@ Final state, the operators' contract (docs/orchestration.md, "Final states"):
 Services (settings read once, the engine, the token vault) are built once per flow run and
 reach the tasks through a context variable, never as task parameters, so Prefect neither
 hashes nor records them. Batches run two at a time (`BATCHES_AT_ONCE`), in the task
-runner's threads, and share the process's one rate budget for Loop and its one writer;
-with `shards` workers each takes an equal share of the client's rate
-(`LOOP_SYNC_RATE_LIMIT_RPS / shards`).
+runner's threads, and share the process's one rate budget for Loop; with `shards`
+workers each takes an equal share of the client's rate (`LOOP_SYNC_RATE_LIMIT_RPS /
+shards`).
 
 Tokens are never parameters, results, artifacts or log lines: every task that may touch
 one uses `cache_policy=NO_CACHE` and `persist_result=False` and returns only counts.

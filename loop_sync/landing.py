@@ -13,30 +13,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
 import orjson
-from sqlalchemy import Connection, String, select
+from sqlalchemy import Connection, select
 
 from loop_sync.db import bulk_insert
-from loop_sync.schema import raw_records
+from loop_sync.schema import UNSTORABLE_TEXT, raw_records, varchar_length
 
 _RAW_COLUMNS = ("user_id", "content_hash", "result_id", "payload", "fetched_at")
-_UNSTORABLE: Final = re.compile("[\x00\ud800-\udfff]")  # NUL, and what UTF-8 cannot encode
-
-
-def _varchar_length(kind: Any) -> int:
-    if not isinstance(kind, String) or kind.length is None:
-        msg = f"{kind!r} is not a VARCHAR with a length"
-        raise TypeError(msg)
-    return kind.length
-
-
-_RESULT_ID_LENGTH: Final = _varchar_length(raw_records.c.result_id.type)
+_RESULT_ID_LENGTH: Final = varchar_length(raw_records.c.result_id)
 
 
 def canonical_json(record: Any) -> str:
@@ -62,8 +51,9 @@ def record_id(record: Any) -> str | None:
         value = record.get("id")
         if (
             isinstance(value, str)
-            and 0 < len(value) <= _RESULT_ID_LENGTH
-            and not _UNSTORABLE.search(value)
+            and value
+            and (_RESULT_ID_LENGTH is None or len(value) <= _RESULT_ID_LENGTH)
+            and not UNSTORABLE_TEXT.search(value)
         ):
             return value
     return None

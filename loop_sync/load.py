@@ -405,7 +405,7 @@ def _soft_delete(
     if not listed:
         return 0
     users = {user_id for user_id, _ in listed}
-    seen = {(user_id, rid) for user_id, ids in listed for rid in ids}  # per user: see HELD_...
+    seen = {(user_id, rid) for user_id, ids in listed for rid in ids}  # by user: see HELD_ELSEWHERE
     gone = [
         rid
         for rid, current in held.items()

@@ -69,7 +69,6 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
-from sqlalchemy import String
 
 from loop_sync import contract, schema
 from loop_sync.catalog import load_catalog
@@ -154,14 +153,11 @@ _ZONED: Final = re.compile(
 )
 _PADDED: Final = re.compile(r"(?:^|\n)\s|\s(?:\n|$)")
 _SUBMICRO: Final = r"([.,]\d{6})\d+"
-# PostgreSQL text cannot hold NUL, and unpaired surrogates cannot be encoded as UTF-8.
-_UNSTORABLE: Final = re.compile("[\x00\ud800-\udfff]")
 
 
 def _max_length(column: str) -> int | None:
-    """The VARCHAR length of a warehouse column, None for TEXT."""
-    kind = schema.biomarker_results.c[column].type
-    return kind.length if isinstance(kind, String) else None
+    """The VARCHAR length of a result column, None for TEXT."""
+    return schema.varchar_length(schema.biomarker_results.c[column])
 
 
 # Source field -> the result column that stores it verbatim (for length limits).
@@ -383,8 +379,8 @@ def _text(column: pd.Series, field: str, problems: Problems, *, distinct: bool =
             (np.append(long, False)[codes], f"{field} is longer than {limit} characters")
         )
         storable &= ~long
-    if _UNSTORABLE.search("".join(uniques)):  # one scan of all the text, usually clean
-        bad = np.array(texts.str.contains(_UNSTORABLE.pattern), dtype=bool)
+    if schema.UNSTORABLE_TEXT.search("".join(uniques)):  # one scan of all the text, usually clean
+        bad = np.array(texts.str.contains(schema.UNSTORABLE_TEXT.pattern), dtype=bool)
         problems.append(
             (np.append(bad, False)[codes], f"{field} has characters that cannot be stored")
         )

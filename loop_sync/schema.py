@@ -7,9 +7,10 @@ the only refresher of a user.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import (
     Column,
@@ -33,6 +34,16 @@ from sqlalchemy.types import TypeDecorator
 from loop_sync.errors import ConfigError
 
 metadata = MetaData()
+
+# Text no column can hold: PostgreSQL refuses NUL, and UTF-8 cannot encode a lone surrogate.
+UNSTORABLE_TEXT: Final = re.compile("[\x00\ud800-\udfff]")
+
+
+def varchar_length(column: Column[Any]) -> int | None:
+    """A column's VARCHAR length, None for TEXT."""
+    kind = column.type
+    return kind.length if isinstance(kind, String) else None
+
 
 GRANT_ACTIVE = "active"
 GRANT_REAUTH_REQUIRED = "reauth_required"
