@@ -33,6 +33,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     MetaData,
+    Row,
     Table,
     func,
     literal,
@@ -80,13 +81,10 @@ class LoadCounts:
     seconds: dict[str, float] = field(default_factory=dict)  # hash, normalize, db_write
 
 
-class Held(NamedTuple):
-    """A result the warehouse holds, as far as the write decisions need it."""
-
-    user_id: str
-    content_hash: str
-    revision: int
-    live: bool
+# What the warehouse holds of a result, as far as the write decisions need it: the row as
+# `held_results` fetched it (result_id, user_id, content_hash, revision, live), unwrapped
+# into nothing else, since a batch holds tens of thousands of them.
+Held = Row[tuple[str, str, str, int, bool]]
 
 
 def held_results(connection: Connection, user_ids: Sequence[str]) -> dict[str, Held]:
@@ -98,12 +96,9 @@ def held_results(connection: Connection, user_ids: Sequence[str]) -> dict[str, H
             biomarker_results.c.user_id,
             biomarker_results.c.content_hash,
             biomarker_results.c.revision,
-            biomarker_results.c.deleted_at.is_(None),
+            biomarker_results.c.deleted_at.is_(None).label("live"),
         ).where(biomarker_results.c.user_id.in_(chunk))
-        held.update(
-            (row[0], Held(row[1], row[2], row[3], bool(row[4])))
-            for row in connection.execute(query)
-        )
+        held.update({row.result_id: row for row in connection.execute(query).all()})
     return held
 
 
