@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import re
+import ssl
 import time
 from collections.abc import AsyncGenerator, Generator
 from dataclasses import dataclass, field
@@ -244,6 +245,7 @@ class LoopClient:
         *,
         concurrency: int | None = None,
         policy: RetryPolicy = DEFAULT_RETRY_POLICY,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.settings = settings
         self.vault = vault
@@ -251,8 +253,9 @@ class LoopClient:
         self.policy = policy
         # One client with one keep-alive connection per concurrent user: httpcore scans
         # its whole pool on every request, which with dozens of connections cost more CPU
-        # than the rest of a pull; a pool of one makes that scan free.
-        tls = httpx.create_ssl_context()  # one, not one per client: each costs ~20 ms
+        # than the rest of a pull; a pool of one makes that scan free. One TLS context
+        # (`Services.tls`) serves them all: each costs ~20 ms to build.
+        tls = tls or httpx.create_ssl_context()
         self._clients = [
             httpx.AsyncClient(
                 base_url=settings.api_base_url,
@@ -265,6 +268,7 @@ class LoopClient:
         ]
         self._idle: asyncio.Queue[httpx.AsyncClient] = asyncio.Queue()
         self._open = contextlib.AsyncExitStack()
+        self._page_urls: dict[int, httpx.URL] = {}
 
     async def __aenter__(self) -> LoopClient:
         for http in self._clients:
@@ -353,18 +357,26 @@ class LoopClient:
             if not page.records or offset >= page.total:
                 return held and offset >= first_total
 
+    def _page_url(self, http: httpx.AsyncClient, offset: int) -> httpx.URL:
+        """The URL of the page at `offset`, built once per offset: most users have one page,
+        and httpx parses a URL given as text or with params again on every request."""
+        url = self._page_urls.get(offset)
+        if url is None:
+            params = {"limit": self.settings.page_size, "offset": offset}
+            url = http.build_request("GET", contract.BIOMARKERS_PATH, params=params).url
+            self._page_urls[offset] = url
+        return url
+
     async def _get_page(self, run: _Run, offset: int) -> _Page:
         """One page, retried per `retry_wait` within the user's time budget."""
-        params = {"limit": self.settings.page_size, "offset": offset}
+        url = self._page_url(run.http, offset)
         attempt = malformed = 0
         while True:
             attempt += 1
             outcome: httpx.Response | Exception
             waited, sent = run.auth.rate_wait_s, time.perf_counter()
             try:
-                response = await run.http.get(
-                    contract.BIOMARKERS_PATH, params=params, auth=run.auth
-                )
+                response = await run.http.get(url, auth=run.auth)
             except (httpx.TransportError, TransientError, RefreshOutcomeUnknown) as exc:
                 outcome = exc
             except httpx.DecodingError:

@@ -125,29 +125,31 @@ def write_batch(
     with engine.begin() as connection:
         _plan_by_key(connection)
         _lock_users(connection, sorted({pull.user_id for pull in pulls}))
-        changed = pulls
+        changed, unchanged = pulls, list[UserPull]()
         if record_state and not force:
-            changed = _changed(connection, pulls)
-            counts.unchanged = _records(pulls) - _records(changed)
+            changed, unchanged = _changed(connection, pulls)
+            counts.unchanged = _records(unchanged)
         user_ids = sorted({pull.user_id for pull in changed})
         held = held_results(connection, user_ids)
         known = set() if force else _known_hashes(connection, user_ids, held)
         hashing = time.perf_counter()
         fresh = triage([(pull.user_id, pull.records) for pull in changed], known)
         counts.unchanged += fresh.unchanged
-        normalizing = time.perf_counter()
-        normalized = normalize(fresh.user_ids, fresh.records, fresh.hashes)
-        writing = time.perf_counter()
-        land(connection, fresh, now)
-        written = upsert_results(connection, normalized.results, held, now, force=force)
-        counts.inserted, counts.updated = written.inserted, written.updated
-        refused = normalized.rejects
-        if written.held_elsewhere:
-            refused = pd.concat([refused, _held_elsewhere(fresh, written.held_elsewhere)])
-        counts.rejected = _upsert_rejects(connection, refused, now)
+        normalizing = writing = time.perf_counter()
+        if fresh.records:  # normalizing nothing still costs pandas ~10 ms: a re-sync's batch
+            normalized = normalize(fresh.user_ids, fresh.records, fresh.hashes)
+            writing = time.perf_counter()
+            land(connection, fresh, now)
+            written = upsert_results(connection, normalized.results, held, now, force=force)
+            counts.inserted, counts.updated = written.inserted, written.updated
+            refused = normalized.rejects
+            if written.held_elsewhere:
+                refused = pd.concat([refused, _held_elsewhere(fresh, written.held_elsewhere)])
+            counts.rejected = _upsert_rejects(connection, refused, now)
         counts.deleted = _soft_delete(connection, [p for p in changed if p.complete], held, now)
         if record_state:
-            _record_success(connection, pulls, run_id=run_id, now=now)
+            _record_success(connection, changed, run_id=run_id, now=now)
+            _record_unchanged(connection, unchanged, run_id=run_id, now=now)
     finished = time.perf_counter()
     counts.seconds = {
         "hash": normalizing - hashing,
@@ -182,15 +184,20 @@ def _records(pulls: Sequence[UserPull]) -> int:
     return sum(len(pull.records) for pull in pulls)
 
 
-def _changed(connection: Connection, pulls: Sequence[UserPull]) -> list[UserPull]:
-    """The pulls that differ from the user's last committed complete pull."""
+def _changed(
+    connection: Connection, pulls: Sequence[UserPull]
+) -> tuple[list[UserPull], list[UserPull]]:
+    """The pulls that differ from the user's last committed complete pull, and the rest."""
     stored: dict[str, str | None] = {}
     for chunk in _chunks([pull.user_id for pull in pulls]):
         query = select(sync_state.c.user_id, sync_state.c.pull_digest)
         stored.update(connection.execute(query.where(sync_state.c.user_id.in_(chunk))).all())
-    return [
-        pull for pull in pulls if pull.digest is None or stored.get(pull.user_id) != pull.digest
-    ]
+    changed: list[UserPull] = []
+    unchanged: list[UserPull] = []
+    for pull in pulls:
+        same = pull.digest is not None and stored.get(pull.user_id) == pull.digest
+        (unchanged if same else changed).append(pull)
+    return changed, unchanged
 
 
 def _known_hashes(
@@ -418,6 +425,8 @@ def _soft_delete(
 def _record_success(
     connection: Connection, pulls: Sequence[UserPull], *, run_id: str, now: datetime
 ) -> None:
+    if not pulls:
+        return
     live: dict[str, int] = {}
     for chunk in _chunks([pull.user_id for pull in pulls]):
         live.update(
@@ -466,6 +475,27 @@ def _record_success(
         ),
         rows,
     )
+
+
+def _record_unchanged(
+    connection: Connection, pulls: Sequence[UserPull], *, run_id: str, now: datetime
+) -> None:
+    """Users whose complete pull had their stored digest: a success that changed nothing,
+    so their digest and live count stay as they are (a re-sync writes only this)."""
+    for chunk in _chunks([pull.user_id for pull in pulls]):
+        connection.execute(
+            update(sync_state)
+            .where(sync_state.c.user_id.in_(chunk))
+            .values(
+                last_attempt_at=now,
+                last_success_at=now,
+                last_complete_at=now,
+                last_status="ok",
+                last_error=None,
+                consecutive_failures=0,
+                last_run_id=run_id,
+            )
+        )
 
 
 def record_failure(

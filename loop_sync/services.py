@@ -4,9 +4,12 @@ and the check that the configuration can work before an entry point writes anyth
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import ssl
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
+from anyio.from_thread import BlockingPortal
 from sqlalchemy import Engine, select
 from sqlalchemy.engine import make_url
 
@@ -27,7 +30,11 @@ TOKENS_READ_AT_ONCE = 2_000  # rows per fetch while checking that stored tokens 
 class Services:
     """`budget` is this process's share of Loop's rate limit for our client_id: one per
     process, so that every sync in it (a flow's batches one after another, or a CLI run)
-    draws from it and a 429's pause outlives the batch that met it."""
+    draws from it and a 429's pause outlives the batch that met it. `tls` is the one TLS
+    context of its HTTPS clients: building one reads the CA bundle (~20 ms). `portal`,
+    when set (a flow run sets it: `flows._common.run_services`), is the one event loop
+    its syncs run on, so syncs at once in several threads do not each spin a loop of
+    their own and fight over the GIL."""
 
     settings: Settings
     engine: Engine
@@ -36,6 +43,8 @@ class Services:
     vault: TokenVault
     onboarding: Onboarding
     budget: RateBudget
+    tls: ssl.SSLContext = field(default_factory=httpx.create_ssl_context)
+    portal: BlockingPortal | None = None
 
     @classmethod
     def build(cls, settings: Settings) -> Services:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -233,19 +234,25 @@ def sync_users_now(
     keep: Callable[[UserPull], UserPull] | None = None,
     record_state: bool = True,
 ) -> SyncCounts:
-    """Pull and write these users within run `run_id`; one user's failure never raises."""
-    return asyncio.run(
-        pull_and_write(
-            services,
-            run_id,
-            user_ids,
-            concurrency=concurrency or services.settings.concurrency,
-            batch_size=batch_size,
-            progress=progress,
-            keep=keep,
-            record_state=record_state,
-        )
+    """Pull and write these users within run `run_id`; one user's failure never raises.
+
+    It runs on `services.portal`'s event loop when there is one (a flow run's batches at
+    once share it), else on an event loop of its own.
+    """
+    pulling = functools.partial(
+        pull_and_write,
+        services,
+        run_id,
+        user_ids,
+        concurrency=concurrency or services.settings.concurrency,
+        batch_size=batch_size,
+        progress=progress,
+        keep=keep,
+        record_state=record_state,
     )
+    if services.portal is not None:
+        return services.portal.call(pulling)
+    return asyncio.run(pulling())
 
 
 async def pull_and_write(
@@ -264,7 +271,11 @@ async def pull_and_write(
     started = time.perf_counter()
     pipe = _Pipeline(services, run_id, SyncCounts(users_attempted=len(user_ids)), batch_size)
     async with LoopClient(
-        services.settings, services.vault, services.budget, concurrency=concurrency
+        services.settings,
+        services.vault,
+        services.budget,
+        concurrency=concurrency,
+        tls=services.tls,
     ) as client:
         fetching = asyncio.create_task(pipe.fetch_all(client, user_ids, concurrency, keep))
         writing = asyncio.create_task(pipe.write_all(record_state, progress))
