@@ -41,8 +41,9 @@ on an emptied warehouse unless it is a re-sync.
 - *shards=2*: two flow runs (shard 0 and 1 of 2) in two processes at once, each with
   half of R as the flow arranges; the combined rate is every request over the span from
   the first start to the last end.
-- *no limit*: latency and rate limit off; a first sync, then a re-sync with nothing
-  changed. Target: the re-sync >= 3x faster.
+- *no limit*: latency and rate limit off; a first sync, then (after a VACUUM ANALYZE, so
+  that autovacuum woken by the first sync's writes does not run during it) a re-sync
+  with nothing changed. Target: the re-sync >= 3x faster.
 - *memory*: the peak RSS of a first sync of the smaller and of the larger user count
   (``--rss-users``), no limit. Target: within 1.25x.
 """

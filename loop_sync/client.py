@@ -87,6 +87,9 @@ class FetchResult:
     missing from `records` be soft-deleted, and only then is there a `digest`: the
     SHA-256 of the pull's page bodies, which tells a writer that nothing changed since a
     pull with the same digest without looking at a single record.
+
+    `unchanged` says the pull was the caller's `last_digest` byte for byte, so it was not
+    even parsed: `records` is empty, and only a writer that compares digests may take it.
     """
 
     user_id: str
@@ -97,12 +100,14 @@ class FetchResult:
     retries: int
     throttled: int
     seconds: dict[str, float]  # rate_wait, http, json_decode: where the pull's time went
+    unchanged: bool = False
 
 
 @dataclass(frozen=True)
 class _Page:
     records: list[Any]
     total: int
+    unchanged: bool = False  # the whole pull was the last one, byte for byte: not parsed
 
 
 def api_error(response: httpx.Response) -> str | None:
@@ -226,6 +231,8 @@ class _Run:
     decode_s: float = 0.0
     seen: dict[tuple[str, str], Any] = field(default_factory=dict)
     bodies: hashlib._Hash = field(default_factory=hashlib.sha256)  # this pull's pages
+    last_digest: str | None = None  # of the user's last committed complete pull
+    unchanged: bool = False
 
 
 class LoopClient:
@@ -283,13 +290,19 @@ class LoopClient:
     ) -> None:
         await self._open.__aexit__(exc_type, exc, traceback)
 
-    async def fetch_results(self, user_id: str) -> FetchResult:
-        """Every record of the user; raises UserSyncFailed, ReauthRequired or ConfigError."""
+    async def fetch_results(self, user_id: str, last_digest: str | None = None) -> FetchResult:
+        """Every record of the user; raises UserSyncFailed, ReauthRequired or ConfigError.
+
+        `last_digest` is the `digest` of the user's last committed complete pull. A first
+        page whose body has that digest is that whole pull again (a one-page pull; a page
+        cannot equal several): it is not parsed, and the result is `unchanged`. Parsing is
+        most of a re-sync's own work once the request is made.
+        """
         http = await self._idle.get()  # the user's turn, and the connection for it
         try:
             allowed = self.settings.user_time_budget_s
             auth = VaultAuth(self.vault, user_id, self.budget)
-            run = _Run(user_id, http, auth, time.monotonic() + allowed)
+            run = _Run(user_id, http, auth, time.monotonic() + allowed, last_digest=last_digest)
             try:
                 async with asyncio.timeout(allowed):
                     return await self._pull(run)
@@ -326,6 +339,7 @@ class LoopClient:
                 "http": run.http_s,
                 "json_decode": run.decode_s,
             },
+            unchanged=run.unchanged,
         )
         log.info(
             "user %s: %d records in %d requests (%d retries, %d throttled), complete=%s",
@@ -347,6 +361,9 @@ class LoopClient:
         offset, first_total, held = 0, None, True
         while True:
             page = await self._get_page(run, offset)
+            if page.unchanged:
+                run.unchanged = True
+                return True
             first_total = page.total if first_total is None else first_total
             held = held and page.total == first_total
             if not held and not last:
@@ -391,9 +408,7 @@ class LoopClient:
                     outcome = response
                 else:
                     try:
-                        page = parse_page(response)
-                        run.bodies.update(response.content)
-                        return page
+                        return _read_page(run, response, offset)
                     except MalformedPage as exc:
                         outcome = exc
                     finally:
@@ -456,6 +471,18 @@ class LoopClient:
         else:
             reason = f"Loop refused the request (HTTP {status}"
         return UserSyncFailed(run.user_id, f"{reason} {error or 'without an error code'})")
+
+
+def _read_page(run: _Run, response: httpx.Response, offset: int) -> _Page:
+    """A 200's page, added to the pull's digest; not parsed when the first page is the
+    user's last committed pull byte for byte (see `LoopClient.fetch_results`)."""
+    body = response.content
+    if offset == 0 and run.last_digest and run.last_digest == hashlib.sha256(body).hexdigest():
+        page = _Page([], 0, unchanged=True)
+    else:
+        page = parse_page(response)
+    run.bodies.update(body)
+    return page
 
 
 def _dedupe_key(record: Any) -> tuple[str, str]:

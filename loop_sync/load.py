@@ -63,12 +63,15 @@ _STAGED = (*RESULT_COLUMN_NAMES, "corrected")
 @dataclass(frozen=True)
 class UserPull:
     """What one user's sync fetched: raw records, whether the pull was complete, and the
-    digest of a complete pull's pages (`FetchResult.digest`)."""
+    digest of a complete pull's pages (`FetchResult.digest`). `unchanged`: the client
+    found the pull to be the last committed one byte for byte and did not parse it, so
+    `records` is empty (`FetchResult.unchanged`); only a sync's write may take it."""
 
     user_id: str
     records: Sequence[Any]
     complete: bool
     digest: str | None = None
+    unchanged: bool = False
 
 
 @dataclass
@@ -127,8 +130,10 @@ def write_batch(
         _lock_users(connection, sorted({pull.user_id for pull in pulls}))
         changed, unchanged = pulls, list[UserPull]()
         if record_state and not force:
-            changed, unchanged = _changed(connection, pulls)
-            counts.unchanged = _records(unchanged)
+            changed, unchanged, counts.unchanged = _changed(connection, pulls)
+        elif any(pull.unchanged for pull in pulls):
+            msg = "an unparsed (unchanged) pull can only be written with its sync state"
+            raise ValueError(msg)
         user_ids = sorted({pull.user_id for pull in changed})
         held = held_results(connection, user_ids)
         known = set() if force else _known_hashes(connection, user_ids, held)
@@ -186,18 +191,48 @@ def _records(pulls: Sequence[UserPull]) -> int:
 
 def _changed(
     connection: Connection, pulls: Sequence[UserPull]
-) -> tuple[list[UserPull], list[UserPull]]:
-    """The pulls that differ from the user's last committed complete pull, and the rest."""
-    stored: dict[str, str | None] = {}
-    for chunk in _chunks([pull.user_id for pull in pulls]):
-        query = select(sync_state.c.user_id, sync_state.c.pull_digest)
-        stored.update(connection.execute(query.where(sync_state.c.user_id.in_(chunk))).all())
+) -> tuple[list[UserPull], list[UserPull], int]:
+    """The pulls that differ from the user's last committed complete pull, the rest, and
+    how many records the rest hold (for an unparsed pull: the user's live results).
+
+    An unparsed pull is unchanged even if the stored digest moved since it was read: a
+    newer pull or a purge committed meanwhile, and either way it has nothing to add.
+    """
+    stored = _sync_states(connection, [pull.user_id for pull in pulls])
     changed: list[UserPull] = []
     unchanged: list[UserPull] = []
+    records = 0
     for pull in pulls:
-        same = pull.digest is not None and stored.get(pull.user_id) == pull.digest
-        (unchanged if same else changed).append(pull)
-    return changed, unchanged
+        digest, live = stored.get(pull.user_id, (None, 0))
+        if pull.unchanged:
+            unchanged.append(pull)
+            records += live or 0
+        elif pull.digest is not None and digest == pull.digest:
+            unchanged.append(pull)
+            records += len(pull.records)
+        else:
+            changed.append(pull)
+    return changed, unchanged, records
+
+
+def _sync_states(
+    connection: Connection, user_ids: Sequence[str]
+) -> dict[str, tuple[str | None, int | None]]:
+    """user_id → (pull_digest, results_live) as committed."""
+    stored: dict[str, tuple[str | None, int | None]] = {}
+    for chunk in _chunks(user_ids):
+        query = select(sync_state.c.user_id, sync_state.c.pull_digest, sync_state.c.results_live)
+        rows = connection.execute(query.where(sync_state.c.user_id.in_(chunk))).all()
+        stored.update((row[0], (row[1], row[2])) for row in rows)
+    return stored
+
+
+def last_digests(engine: Engine, user_ids: Sequence[str]) -> dict[str, str]:
+    """user_id → the digest of their last committed complete pull, for those that have one
+    (`LoopClient.fetch_results(last_digest=…)`)."""
+    with engine.connect() as connection:
+        stored = _sync_states(connection, user_ids)
+    return {user_id: digest for user_id, (digest, _) in stored.items() if digest}
 
 
 def _known_hashes(

@@ -28,7 +28,7 @@ from sqlalchemy import Engine, select, update
 
 from loop_sync.client import LoopClient
 from loop_sync.errors import LoopSyncError, ReauthRequired
-from loop_sync.load import LoadCounts, UserPull, record_failure, write_batch
+from loop_sync.load import LoadCounts, UserPull, last_digests, record_failure, write_batch
 from loop_sync.schema import GRANT_ACTIVE, grants, sync_runs
 from loop_sync.services import Services
 from loop_sync.vault import utcnow
@@ -279,7 +279,8 @@ async def pull_and_write(
     """Fetch and write at once (see the module docstring). `keep` may trim a pull
     (backfill windows). A write that fails stops the run and raises its error."""
     started = time.perf_counter()
-    pipe = _Pipeline(services, run_id, SyncCounts(users_attempted=len(user_ids)), batch_size)
+    counts = SyncCounts(users_attempted=len(user_ids))
+    pipe = _Pipeline(services, run_id, counts, batch_size, record_state)
     async with LoopClient(
         services.settings,
         services.vault,
@@ -288,7 +289,7 @@ async def pull_and_write(
         tls=services.tls,
     ) as client:
         fetching = asyncio.create_task(pipe.fetch_all(client, user_ids, concurrency, keep))
-        writing = asyncio.create_task(pipe.write_all(record_state, progress))
+        writing = asyncio.create_task(pipe.write_all(progress))
         try:
             await asyncio.gather(fetching, writing)
         finally:  # one end failed: stop the other before the error goes up
@@ -308,6 +309,7 @@ class _Pipeline:
     run_id: str
     counts: SyncCounts
     batch_size: int
+    record_state: bool  # False for a backfill: see `load.write_batch`
     pulled: asyncio.Queue[UserPull | None] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -327,11 +329,15 @@ class _Pipeline:
         thread hop and three database round trips per user.
         """
         waiting: asyncio.Queue[str | None] = asyncio.Queue(maxsize=self.batch_size)
+        digests: dict[str, str] = {}
 
         async def feed() -> None:
             for start in range(0, len(user_ids), self.batch_size):
                 batch = user_ids[start : start + self.batch_size]
                 await asyncio.to_thread(self.services.vault.warm, batch)
+                if self.record_state and keep is None:  # a sync, which compares digests
+                    engine = self.services.engine
+                    digests.update(await asyncio.to_thread(last_digests, engine, batch))
                 for user_id in batch:
                     await waiting.put(user_id)
             for _ in range(concurrency):
@@ -340,20 +346,22 @@ class _Pipeline:
         async def fetcher() -> None:
             while (user_id := await waiting.get()) is not None:
                 try:
-                    fetched = await client.fetch_results(user_id)
+                    fetched = await client.fetch_results(user_id, digests.pop(user_id, None))
                 except LoopSyncError as exc:
                     await asyncio.to_thread(
                         _fail, self.services.engine, self.counts, user_id, exc, self.run_id
                     )
                     continue
                 self.counts.spent(fetched.seconds)
-                pull = UserPull(user_id, fetched.records, fetched.complete, fetched.digest)
+                pull = UserPull(
+                    user_id, fetched.records, fetched.complete, fetched.digest, fetched.unchanged
+                )
                 await self.pulled.put(keep(pull) if keep is not None else pull)
 
         await asyncio.gather(feed(), *(fetcher() for _ in range(concurrency)))
         await self.pulled.put(None)  # the end
 
-    async def write_all(self, record_state: bool, progress: Progress | None) -> None:
+    async def write_all(self, progress: Progress | None) -> None:
         """Write what has been pulled, up to `batch_size` users a transaction, to the end.
 
         A batch takes what is waiting, then up to BATCH_LINGER_S more for users still
@@ -388,7 +396,7 @@ class _Pipeline:
                     batch,
                     run_id=self.run_id,
                     now=utcnow(),
-                    record_state=record_state,
+                    record_state=self.record_state,
                 )
                 self.counts.add(loaded)
                 self.counts.users_succeeded += len(batch)

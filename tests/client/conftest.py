@@ -50,13 +50,15 @@ def consent(services: Services) -> Callable[..., None]:
 def fetch(services: Services) -> Fetch:
     """Fetch users concurrently with one LoopClient and one RateBudget; exceptions returned.
 
-    Keyword arguments override settings (e.g. page_size=7); `budget` and `policy` too.
+    Keyword arguments override settings (e.g. page_size=7); `budget`, `policy` and
+    `last_digests` (user → `last_digest` for `fetch_results`) too.
     """
 
     def run(
         *user_ids: str,
         budget: RateBudget | None = None,
         policy: RetryPolicy = FAST,
+        last_digests: dict[str, str] | None = None,
         **overrides: Any,
     ) -> list[Outcome]:
         settings = services.settings.model_copy(update={"rate_limit_rps": TEST_RPS, **overrides})
@@ -65,7 +67,8 @@ def fetch(services: Services) -> Fetch:
         async def main() -> list[Outcome]:
             async with LoopClient(settings, services.vault, shared, policy=policy) as client:
                 return await asyncio.gather(
-                    *(client.fetch_results(u) for u in user_ids), return_exceptions=True
+                    *(client.fetch_results(u, (last_digests or {}).get(u)) for u in user_ids),
+                    return_exceptions=True,
                 )
 
         return asyncio.run(main())

@@ -73,6 +73,31 @@ def test_full_pull_returns_loops_records_in_order(
     assert (result.retries, result.throttled) == (0, 0)
 
 
+@pytest.mark.parametrize("page_size", [7, 500])
+def test_a_pull_that_is_the_last_one_byte_for_byte_is_not_parsed(
+    sandbox: Sandbox, consent: Consent, fetch: Fetch, page_size: int
+) -> None:
+    """Given the digest of the user's last complete pull, a one-page pull with that digest
+    comes back `unchanged`, without records (nothing was parsed). A pull of several pages
+    never matches on its first page and is read in full, as is any pull that changed."""
+    consent(USER)
+    last = ok(fetch(USER, page_size=page_size)[0])
+    assert last.complete
+    assert last.digest
+    assert not last.unchanged
+    one_page = len(sandbox.truth(USER)) <= page_size
+
+    again = ok(fetch(USER, page_size=page_size, last_digests={USER: last.digest})[0])
+
+    assert (again.complete, again.digest, again.unchanged) == (True, last.digest, one_page)
+    assert again.records == ([] if one_page else sandbox.truth(USER))
+    advance_until_total_changes(sandbox, USER)
+    changed = ok(fetch(USER, page_size=page_size, last_digests={USER: last.digest})[0])
+    assert not changed.unchanged
+    assert changed.digest != last.digest
+    assert changed.records == sandbox.truth(USER)
+
+
 def test_results_array_key_is_accepted(sandbox: Sandbox, consent: Consent, fetch: Fetch) -> None:
     """Pages that carry their records under `results` instead of `data` work the same."""
     consent(USER)

@@ -588,6 +588,32 @@ def test_a_pull_identical_to_the_last_complete_one_writes_only_the_sync_state(
     assert list(live(services.engine, "usr_0001")) == ["res_digest_1"]
 
 
+def test_an_unparsed_pull_writes_only_the_sync_state_and_never_deletes(
+    services: Services,
+) -> None:
+    """A pull the client did not parse (`unchanged`: the last one byte for byte) holds no
+    records. It counts the user's live results as unchanged and deletes nothing, even if
+    the stored digest moved meanwhile; a write without the sync state refuses it, since
+    its empty records would read as "everything was deleted"."""
+    write_batch(
+        services.engine,
+        [UserPull("usr_0001", [ldl_result("res_kept")], True, "a" * 64)],
+        run_id="r",
+        now=utcnow(),
+    )
+    unparsed = UserPull("usr_0001", [], True, "b" * 64, unchanged=True)
+
+    counts = write_batch(services.engine, [unparsed], run_id="r2", now=utcnow())
+
+    assert (counts.inserted, counts.updated, counts.deleted, counts.unchanged) == (0, 0, 0, 1)
+    assert list(live(services.engine, "usr_0001")) == ["res_kept"]
+    assert state(services.engine, "usr_0001")["last_run_id"] == "r2"
+    assert state(services.engine, "usr_0001")["pull_digest"] == "a" * 64
+    with pytest.raises(ValueError, match="unparsed"):
+        write_batch(services.engine, [unparsed], run_id="r3", now=utcnow(), record_state=False)
+    assert list(live(services.engine, "usr_0001")) == ["res_kept"]
+
+
 def test_a_runs_time_spent_syncing_counts_batches_that_ran_at_once_only_once() -> None:
     """A flow runs two batches at once: the wall time spent syncing (what orchestration
     overhead is measured against) is the union of their spans, not the sum."""
