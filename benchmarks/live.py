@@ -33,7 +33,7 @@ from benchmarks._common import Report, engine_for, rate, scratch_schema
 from loop_sync.config import load_settings
 from loop_sync.sandbox.app import SandboxClient
 from loop_sync.sandbox.authority import user_ids
-from loop_sync.schema import upgrade
+from loop_sync.schema import metadata, upgrade
 from loop_sync.services import Services
 
 MARK = "BENCH_RESULT "
@@ -151,13 +151,14 @@ def _wipe(db_url: str) -> None:
 
 
 def _settle(db_url: str) -> None:
-    """VACUUM ANALYZE the warehouse, so that autovacuum, woken by the last run's writes,
-    does not take a core from the next measured run (a nightly re-sync comes a day after
-    the writes, not seconds)."""
+    """VACUUM ANALYZE every loop-sync table, so that autovacuum, woken by the last run's
+    writes or the consents, does not take a core from the next measured run (a nightly
+    re-sync comes a day after the writes, not seconds)."""
     engine = engine_for(db_url)
+    names = ", ".join(table.name for table in metadata.sorted_tables)
     try:
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-            connection.execute(text(f"VACUUM ANALYZE {', '.join(WIPED)}"))
+            connection.execute(text(f"VACUUM ANALYZE {names}"))
     finally:
         engine.dispose()
 

@@ -35,6 +35,7 @@ that ends a flow or task run, it is logged as its one line, without a traceback.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -224,13 +225,26 @@ def run_in_batches(
     goes on with the others: one bad batch never stops them.
     """
     running: deque[tuple[list[str], int, PrefectFuture[SyncCounts]]] = deque()
-    for number, start in enumerate(range(0, len(user_ids), batch_size), start=1):
-        batch = list(user_ids[start : start + batch_size])
+    for number, batch in enumerate(_staggered(user_ids, batch_size), start=1):
         running.append((batch, number, submit_batch(batch, number)))
         if len(running) == BATCHES_AT_ONCE:
             summary.merge(_outcome(*running.popleft()))
     while running:
         summary.merge(_outcome(*running.popleft()))
+
+
+def _staggered(user_ids: Sequence[str], batch_size: int) -> Iterator[list[str]]:
+    """The users `batch_size` at a time, the first batch half as big when batches run at
+    once. Batches at once share the rate budget, so they progress alike: equal batches
+    started together would end together, and a batch's end is only writes, with no
+    request going out. Half a batch apart, one batch fetches while the other writes."""
+    first = batch_size
+    if BATCHES_AT_ONCE > 1 and len(user_ids) > batch_size > 1:
+        first = batch_size // 2
+    bounds = [0, *range(first, len(user_ids), batch_size), len(user_ids)]
+    for start, end in itertools.pairwise(bounds):
+        if start < end:
+            yield list(user_ids[start:end])
 
 
 def _outcome(batch: list[str], number: int, future: PrefectFuture[SyncCounts]) -> SyncCounts:

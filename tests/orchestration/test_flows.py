@@ -13,7 +13,7 @@ from prefect.states import Completed, Failed
 from sqlalchemy import select
 
 import flows._common
-from flows._common import retry_transient
+from flows._common import _staggered, retry_transient
 from flows.backfill import backfill
 from flows.onboard import onboard
 from flows.purge_user import purge_user
@@ -127,10 +127,11 @@ def test_a_batch_that_keeps_failing_counts_its_users_failed_and_the_run_goes_on(
     state = sync_biomarkers(batch_size=2, return_state=True)
 
     assert state.name == "Partial"
-    # Each batch ran once (no retry of the first); two run at once, so in either order.
-    assert sorted(calls) == [users[0:2], users[2:4], users[4:5]]
+    # Each batch ran once (no retry of the first); two run at once, so in either order,
+    # the first half as big, so that the two never end together (`_staggered`).
+    assert sorted(calls) == [users[0:1], users[1:3], users[3:5]]
     [run] = runs(services)
-    assert (run["users_failed"], run["users_succeeded"]) == (2, len(users) - 2)
+    assert (run["users_failed"], run["users_succeeded"]) == (1, len(users) - 1)
     failures = table(artifacts(flow_run_id(state))["sync-failures"])
     assert {row["reason"] for row in failures} == {
         "batch 1 failed: RuntimeError (see the task run's logs)"
@@ -322,3 +323,25 @@ def test_no_token_reaches_artifacts_results_or_logs(
     assert "sync-summary" in everything
     leaked = [secret[:6] + "…" for secret in secrets if secret in everything]
     assert leaked == []
+
+
+@pytest.mark.parametrize(
+    ("count", "batch_size", "sizes"),
+    [
+        (0, 4, []),
+        (3, 4, [3]),
+        (4, 4, [4]),
+        (9, 4, [2, 4, 3]),
+        (10, 4, [2, 4, 4]),
+        (3, 1, [1, 1, 1]),
+    ],
+)
+def test_batches_cover_every_user_once_the_first_half_as_big(
+    count: int, batch_size: int, sizes: list[int]
+) -> None:
+    """Two batches run at once and progress alike, so the first is half a batch: their
+    ends, when only writes remain, never coincide. Every user is in exactly one batch."""
+    users = [f"usr_{i:04d}" for i in range(count)]
+    batches = list(_staggered(users, batch_size))
+    assert [len(batch) for batch in batches] == sizes
+    assert [user for batch in batches for user in batch] == users
