@@ -326,7 +326,9 @@ class _Pipeline:
 
         Users reach them through a queue a batch long, each batch's stored access tokens
         read in one query as it enters: one read per request would cost the event loop a
-        thread hop and three database round trips per user.
+        thread hop and three database round trips per user. A sync (not a backfill) reads
+        the batch's last pull digests too, so that a pull identical to the last one is
+        not even parsed (`LoopClient.fetch_results`).
         """
         waiting: asyncio.Queue[str | None] = asyncio.Queue(maxsize=self.batch_size)
         digests: dict[str, str] = {}
