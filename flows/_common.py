@@ -135,9 +135,10 @@ def run_services(*, rate_share: int = 1) -> Iterator[Services]:
     try:
         services.check()
         with start_blocking_portal(name="loop-sync") as portal:
-            token = _services.set(dataclasses.replace(services, portal=portal))
+            run = dataclasses.replace(services, portal=portal)
+            token = _services.set(run)
             try:
-                yield _services.get()
+                yield run
             finally:
                 _services.reset(token)
     finally:
