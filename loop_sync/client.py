@@ -175,8 +175,8 @@ class VaultAuth(httpx.Auth):
     processes, and `rejected=` keeps a token another process already replaced from being
     refreshed twice. A bare 401 (no error code) counts as invalid_token.
 
-    Every request it sends, the retry after a refresh included, first waits for the
-    client's shared `budget`, so the budget sees what Loop sees.
+    Every request it sends, the retry after a refresh and the refresh itself included,
+    first waits for the client's shared `budget`, so the budget sees what Loop sees.
     """
 
     def __init__(self, vault: TokenVault, user_id: str, budget: RateBudget) -> None:
@@ -196,9 +196,7 @@ class VaultAuth(httpx.Auth):
     async def async_auth_flow(
         self, request: httpx.Request
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
-        token = self.vault.cached(self.user_id) or await asyncio.to_thread(
-            self.vault.access_token, self.user_id
-        )
+        token = self.vault.cached(self.user_id) or await self._from_vault(None)
         request.headers["Authorization"] = f"Bearer {token}"
         self.requests += 1
         self.rate_wait_s += await self.budget.acquire()
@@ -210,11 +208,20 @@ class VaultAuth(httpx.Auth):
             return  # e.g. 401 insufficient_scope: a refresh would not help
         log.info("user %s: access token rejected (401); refreshing it once", self.user_id)
         self.refreshes += 1
-        token = await asyncio.to_thread(self.vault.access_token, self.user_id, rejected=token)
+        token = await self._from_vault(token)
         request.headers["Authorization"] = f"Bearer {token}"
         self.requests += 1
         self.rate_wait_s += await self.budget.acquire()
         yield request
+
+    async def _from_vault(self, rejected: str | None) -> str:
+        """A token the vault has to look up, which nearly always means a refresh: a request
+        to Loop's token endpoint, under the same per-client limit, so it takes a slot of
+        the budget first (a nightly run finds every access token expired; unbudgeted, its
+        refreshes came on top of the pages). A slot is wasted only when another process
+        refreshed meanwhile, or when the batch's tokens were not read ahead (`warm`)."""
+        self.rate_wait_s += await self.budget.acquire()
+        return await asyncio.to_thread(self.vault.access_token, self.user_id, rejected=rejected)
 
 
 @dataclass

@@ -7,6 +7,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -22,11 +23,13 @@ from loop_sync.sandbox import Sandbox
 from loop_sync.schema import GRANT_REAUTH_REQUIRED, tokens
 from loop_sync.services import Services
 from tests.client.conftest import Call, Fetch, Tap, ids, ok
+from tests.vault.helpers import set_tokens
 
 USER, OTHER = "usr_0001", "usr_0002"
 USERS = ("usr_0001", "usr_0002", "usr_0003", "usr_0004", "usr_0005")
 Consent = Callable[..., None]
 DAY_S = 86_400
+MINUTE = timedelta(minutes=1)
 
 
 def client_id(sandbox: Sandbox) -> str:
@@ -205,6 +208,21 @@ def test_client_budget_at_loops_limit_sees_no_429(
     results = [ok(r) for r in fetch(*USERS, page_size=5, budget=RateBudget(20))]
     assert all(r.complete for r in results)
     assert sum(r.requests for r in results) == 30  # more than one burst of Loop's bucket
+    assert sandbox.counters.rate_limited.total() == 0
+
+
+def test_refreshes_draw_from_the_budget_like_every_request(
+    services: Services, sandbox: Sandbox, consent: Consent, fetch: Fetch
+) -> None:
+    """A nightly run finds every access token expired: each user's refresh is a request to
+    Loop as much as its pages are, so the budget paces both and Loop's limit holds."""
+    consent(*USERS)
+    for user in USERS:
+        set_tokens(services.engine, user, access_expires_at=datetime.now(UTC) - MINUTE)
+    sandbox.set_knobs(rate_limit_rps=12, rate_limit_burst=2)
+    results = [ok(r) for r in fetch(*USERS, page_size=10, budget=RateBudget(10, burst=1))]
+    assert all(r.complete for r in results)
+    assert sandbox.counters.refreshes.total() == len(USERS)
     assert sandbox.counters.rate_limited.total() == 0
 
 
