@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
+import ssl
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -112,12 +113,20 @@ class AuthorizationStart:
 class OidcClient:
     """One provider, one registered client. Thread-safe for use from a web app's threads."""
 
-    def __init__(self, settings: Settings, http: httpx.Client | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        http: httpx.Client | None = None,
+        *,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.settings = settings
         # No keep-alive: a refresh must never go out on a connection the server may have
         # closed, where a failure could not tell "not sent" from "answer lost".
         self._http = http or httpx.Client(
-            timeout=HTTP_TIMEOUT_S, limits=httpx.Limits(max_keepalive_connections=0)
+            timeout=HTTP_TIMEOUT_S,
+            limits=httpx.Limits(max_keepalive_connections=0),
+            verify=tls or True,
         )
         self._metadata: ProviderMetadata | None = None
         self._keys: KeySet | None = None

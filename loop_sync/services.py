@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import ssl
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -31,10 +31,10 @@ class Services:
     """`budget` is this process's share of Loop's rate limit for our client_id: one per
     process, so that every sync in it (a flow's batches one after another, or a CLI run)
     draws from it and a 429's pause outlives the batch that met it. `tls` is the one TLS
-    context of its HTTPS clients: building one reads the CA bundle (~20 ms). `portal`,
-    when set (a flow run sets it: `flows._common.run_services`), is the one event loop
-    its syncs run on, so syncs at once in several threads do not each spin a loop of
-    their own and fight over the GIL."""
+    context of its HTTPS clients, Loop's API and identity alike: building one reads the
+    CA bundle (~35 ms). `portal`, when set (a flow run sets it:
+    `flows._common.run_services`), is the one event loop its syncs run on, so syncs at
+    once in several threads do not each spin a loop of their own and fight over the GIL."""
 
     settings: Settings
     engine: Engine
@@ -43,18 +43,19 @@ class Services:
     vault: TokenVault
     onboarding: Onboarding
     budget: RateBudget
-    tls: ssl.SSLContext = field(default_factory=httpx.create_ssl_context)
+    tls: ssl.SSLContext
     portal: BlockingPortal | None = None
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
         engine = make_engine(settings)
         cipher = TokenCipher(settings.fernet_keys)
-        oidc = OidcClient(settings)
+        tls = httpx.create_ssl_context()
+        oidc = OidcClient(settings, tls=tls)
         vault = TokenVault(engine, cipher, oidc)
         onboarding = Onboarding(engine, cipher, oidc, vault)
         budget = budget_for(settings.rate_limit_rps)
-        return cls(settings, engine, cipher, oidc, vault, onboarding, budget)
+        return cls(settings, engine, cipher, oidc, vault, onboarding, budget, tls)
 
     def check(
         self,
