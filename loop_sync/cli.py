@@ -80,6 +80,9 @@ def sandbox(
         float | None, typer.Option(help="Requests/s allowed per client (429 beyond).")
     ] = None,
     access_token_ttl: Annotated[int, typer.Option(help="Access-token lifetime, seconds.")] = 3600,
+    pregenerate: Annotated[
+        bool, typer.Option(help="Make every user's results at start, not at first request.")
+    ] = False,
     knobs: Annotated[
         str | None,
         typer.Option(help='Any other knobs as JSON, e.g. \'{"error_rates": {"token": 0.1}}\'.'),
@@ -97,6 +100,7 @@ def sandbox(
         users=users,
         seed=seed,
         results_per_user=results_per_user,
+        pregenerate=pregenerate,
         knobs=Knobs.model_validate(
             {
                 "auto_approve": auto_approve,

@@ -64,6 +64,7 @@ class SandboxConfig:
     knobs: Knobs = field(default_factory=Knobs)
     client: SandboxClient = field(default_factory=SandboxClient)
     frozen_clock: bool = False  # time moves only when advanced: for runs a test compares
+    pregenerate: bool = False  # every user's results made at start (`SyntheticResults.generate`)
 
 
 class Sandbox:
@@ -96,6 +97,8 @@ class Sandbox:
             config.results_per_user,
             cache_size=max(1, min(config.users, RESULTS_CACHE_MAX_USERS)),
         )
+        if config.pregenerate:
+            self.results.generate(user_ids(config.users))
         self.faults = Faults(lambda: self.knobs, self.counters, self.clock, config.seed)
         self._routed = Starlette(routes=self._routes(), exception_handlers={404: _not_found})
         self.app: ASGIApp = self._counted

@@ -19,6 +19,7 @@ import threading
 import time
 from bisect import bisect_right
 from collections import OrderedDict
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from functools import cache
 from itertools import accumulate
@@ -347,13 +348,7 @@ class SyntheticResults:
         at `at`."""
         at_ts = _timestamp(at)
         with self._lock:
-            timeline = self._cache.get(user_id)
-            if timeline is None:
-                timeline = self._cache[user_id] = self._start(user_id)
-                if len(self._cache) > self._cache_size:
-                    self._cache.popitem(last=False)
-            else:
-                self._cache.move_to_end(user_id)
+            timeline = self._timeline(user_id)
             while timeline.pending is not None and timeline.pending.parsed_ts <= at_ts:
                 panel = timeline.pending
                 self._results(timeline, panel)
@@ -361,6 +356,24 @@ class SyntheticResults:
                 size = timeline.rng.randint(*PANEL_SIZE)
                 timeline.pending = self._panel(timeline, day, size) if day <= FUTURE_DAYS else None
             return timeline.visible(at_ts)
+
+    def generate(self, user_ids: Iterable[str]) -> None:
+        """Generate these users' histories now (as many as the cache holds), not at each
+        one's first request: Loop serves results from storage, and a benchmark's sync
+        should not share the machine with the sandbox making up its data."""
+        with self._lock:
+            for user_id in user_ids:
+                self._timeline(user_id)
+
+    def _timeline(self, user_id: str) -> _Timeline:
+        timeline = self._cache.get(user_id)
+        if timeline is None:
+            timeline = self._cache[user_id] = self._start(user_id)
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(user_id)
+        return timeline
 
     def _start(self, user_id: str) -> _Timeline:
         rng = random.Random(f"{self._seed}:{user_id}")

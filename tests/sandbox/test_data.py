@@ -64,6 +64,16 @@ def test_same_seed_gives_identical_records() -> None:
         assert first.records(user, _at(30)) == second.records(user, _at(30))
 
 
+def test_histories_made_ahead_list_the_same_records() -> None:
+    """`generate` (the sandbox's --pregenerate) changes when a history is made, not what
+    it lists, today or after the clock has moved."""
+    ahead, on_demand = (SyntheticResults(seed=3, epoch=EPOCH) for _ in range(2))
+    ahead.generate(USERS[:20])
+    for user in USERS[:20]:
+        for day in (0, 30):
+            assert ahead.records(user, _at(day)) == on_demand.records(user, _at(day))
+
+
 def test_different_seeds_give_different_records() -> None:
     """Another seed gives another history."""
     first, second = SyntheticResults(seed=3, epoch=EPOCH), SyntheticResults(seed=4, epoch=EPOCH)
