@@ -37,6 +37,7 @@ from loop_sync.schema import metadata, upgrade
 from loop_sync.services import Services
 
 MARK = "BENCH_RESULT "
+READY = "BENCH_READY"
 UNLIMITED_RPS = 100_000.0
 ROOT = Path(__file__).resolve().parents[1]  # where `benchmarks` and `flows` import from
 WIPED = (
@@ -87,12 +88,13 @@ def _process(command: list[str], env: dict[str, str], ready: str, what: str) -> 
 
 @contextmanager
 def sandbox_process(env: dict[str, str], users: int, results_per_user: int) -> Iterator[str]:
-    """``loop-sync sandbox`` in its own process (auto-approve); its URL."""
+    """``loop-sync sandbox`` in its own process (auto-approve, every user's results made
+    before it answers, so not during a measured run); its URL."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "loop_sync", "sandbox", "--port", str(port)]
     command += ["--users", str(users), "--results-per-user", str(results_per_user)]
-    command += ["--auto-approve"]
+    command += ["--auto-approve", "--pregenerate"]
     with _process(command, env, f"{url}/_sandbox/counters", "the sandbox"):
         yield url
 
@@ -164,10 +166,30 @@ def _settle(db_url: str) -> None:
 
 
 def _start_flow(env: dict[str, str], shard: int = 0, shards: int = 1) -> subprocess.Popen[str]:
+    """A child that runs the flow at once, or, for a shard, once told to (`_go`)."""
     command = [sys.executable, "-m", "benchmarks.live", str(shard), str(shards)]
     return subprocess.Popen(  # noqa: S603
-        command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command,
+        env=env,
+        cwd=ROOT,
+        stdin=subprocess.PIPE if shards > 1 else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
+
+
+def _go(processes: Sequence[subprocess.Popen[str]]) -> None:
+    """Start the shards' flows together, once every child has imported and reached the
+    Prefect server: on two cores, two interpreters starting at once finish their
+    start-up seconds apart, and the combined rate measures the flows, not that."""
+    for process in processes:
+        if not any(line.strip() == READY for line in process.stdout or ()):
+            _flow_result(process)  # it ended before it was ready: raises with its error
+    for process in processes:
+        if process.stdin is not None:
+            process.stdin.write("go\n")
+            process.stdin.flush()
 
 
 def _flow_result(process: subprocess.Popen[str]) -> dict[str, Any]:
@@ -352,6 +374,7 @@ def _sharded(report: Report, url: str, env: dict[str, str], *, rps: float) -> No
     section = "shards=2"
     requests_before, limited_before = _counters(url)
     processes = [_start_flow(env, shard, 2) for shard in range(2)]
+    _go(processes)
     results = [_flow_result(process) for process in processes]
     requests_after, limited_after = _counters(url)
     began = min(result["started_at"] for result in results)
@@ -429,6 +452,9 @@ def child_main(shard: int, shards: int) -> None:
 
     with get_client(sync_client=True) as prefect:  # the server is up, as in production
         prefect.hello()
+    if shards > 1:
+        print(READY, flush=True)
+        sys.stdin.readline()
     before = resource.getrusage(resource.RUSAGE_SELF)
     started_at = time.time()
     started = time.perf_counter()
