@@ -484,11 +484,14 @@ def _read_page(run: _Run, response: httpx.Response, offset: int) -> _Page:
     """A 200's page, added to the pull's digest; not parsed when the first page is the
     user's last committed pull byte for byte (see `LoopClient.fetch_results`)."""
     body = response.content
-    if offset == 0 and run.last_digest and run.last_digest == hashlib.sha256(body).hexdigest():
-        page = _Page([], 0, unchanged=True)
-    else:
+    if offset:
         page = parse_page(response)
-    run.bodies.update(body)
+        run.bodies.update(body)
+        return page
+    first = hashlib.sha256(body)  # a pull's hash so far is its first page's: hashed once
+    unchanged = run.last_digest is not None and run.last_digest == first.hexdigest()
+    page = _Page([], 0, unchanged=True) if unchanged else parse_page(response)
+    run.bodies = first
     return page
 
 
