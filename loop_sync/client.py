@@ -325,7 +325,7 @@ class LoopClient:
     async def _pull(self, run: _Run) -> FetchResult:
         pulls = 1 + self.policy.repulls
         for pull in range(1, pulls + 1):
-            run.seen, run.bodies = {}, hashlib.sha256()
+            run.seen = {}  # `_read_page` starts the digest anew at offset 0
             if await self._pull_once(run, last=pull == pulls):
                 return self._result(run, complete=True)
             log.info("user %s: total changed during pull %d of %d", run.user_id, pull, pulls)

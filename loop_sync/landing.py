@@ -30,30 +30,33 @@ _RESULT_ID_LENGTH: Final = varchar_length(raw_records.c.result_id)
 
 def canonical_json(record: Any) -> str:
     """One text per JSON value, whatever the key order Loop used, and faithful to it."""
-    try:
-        return orjson.dumps(record, option=orjson.OPT_SORT_KEYS).decode()
-    except orjson.JSONEncodeError:  # a lone surrogate, or a NonFinite
-        return json.dumps(record, sort_keys=True, separators=(",", ":"))
+    return _canonical(record).decode()
 
 
 def content_hash(record: Any) -> str:
-    return _digest(canonical_json(record))
+    return hashlib.sha256(_canonical(record)).hexdigest()
 
 
-def _digest(canonical: str) -> str:
-    return hashlib.sha256(canonical.encode()).hexdigest()
+def _canonical(record: Any) -> bytes:
+    """`canonical_json`, UTF-8 encoded: hashed as it comes, and decoded only for what is
+    landed (a re-sync's records are mostly known already)."""
+    try:
+        return orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError:  # a lone surrogate, or a NonFinite
+        return json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
 
 
 def record_id(record: Any) -> str | None:
     """The record's Loop id when the warehouse can store it as one: a string of 1 to 255
-    characters without NUL or a lone surrogate (normalize rejects the others)."""
+    characters without NUL or a lone surrogate (normalize rejects the others). An ASCII
+    id, Loop's usual, cannot hold a surrogate, so only the rest pay for the search."""
     if isinstance(record, dict):
         value = record.get("id")
         if (
             isinstance(value, str)
             and value
             and (_RESULT_ID_LENGTH is None or len(value) <= _RESULT_ID_LENGTH)
-            and not UNSTORABLE_TEXT.search(value)
+            and ("\x00" not in value if value.isascii() else not UNSTORABLE_TEXT.search(value))
         ):
             return value
     return None
@@ -61,12 +64,16 @@ def record_id(record: Any) -> str | None:
 
 @dataclass
 class Fresh:
-    """The records of a batch the warehouse has not seen, in pull order, hashed once."""
+    """The records of a batch the warehouse has not seen, in pull order, hashed once; and
+    the `record_id` of every record of each pull, fresh or not (`listed`, in the order of
+    the pulls given to `triage`), for the soft deletion of what a pull no longer lists."""
 
     user_ids: list[str] = field(default_factory=list)
     records: list[Any] = field(default_factory=list)
     hashes: list[str] = field(default_factory=list)
     payloads: list[str] = field(default_factory=list)  # canonical JSON, as landed
+    ids: list[str | None] = field(default_factory=list)  # record_id of each fresh record
+    listed: list[list[str | None]] = field(default_factory=list)
     unchanged: int = 0  # records skipped because their hash is already known
 
 
@@ -74,16 +81,19 @@ def triage(pulls: Sequence[tuple[str, Sequence[Any]]], known: set[tuple[str, str
     """Hash each (user_id, records) pull's records and keep those not in `known`."""
     fresh = Fresh()
     for user_id, records in pulls:
-        for record in records:
-            payload = canonical_json(record)
-            digest = _digest(payload)
+        ids = list(map(record_id, records))
+        fresh.listed.append(ids)
+        for record, rid in zip(records, ids, strict=True):
+            canonical = _canonical(record)
+            digest = hashlib.sha256(canonical).hexdigest()
             if (user_id, digest) in known:
                 fresh.unchanged += 1
                 continue
             fresh.user_ids.append(user_id)
             fresh.records.append(record)
             fresh.hashes.append(digest)
-            fresh.payloads.append(payload)
+            fresh.payloads.append(canonical.decode())
+            fresh.ids.append(rid)
     return fresh
 
 
@@ -101,11 +111,11 @@ def land(connection: Connection, fresh: Fresh, fetched_at: datetime) -> int:
     )
     seen: set[tuple[str, str]] = {(row[0], row[1]) for row in connection.execute(query)}
     rows = []
-    for user_id, record, digest, payload in zip(
-        fresh.user_ids, fresh.records, fresh.hashes, fresh.payloads, strict=True
+    for user_id, rid, digest, payload in zip(
+        fresh.user_ids, fresh.ids, fresh.hashes, fresh.payloads, strict=True
     ):
         if (user_id, digest) not in seen:
             seen.add((user_id, digest))
-            rows.append((user_id, digest, record_id(record), payload, fetched_at))
+            rows.append((user_id, digest, rid, payload, fetched_at))
     bulk_insert(connection, raw_records, _RAW_COLUMNS, rows)
     return len(rows)

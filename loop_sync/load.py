@@ -44,7 +44,7 @@ from sqlalchemy import (
 )
 
 from loop_sync.db import bulk_insert, dialect_insert
-from loop_sync.landing import Fresh, land, record_id, triage
+from loop_sync.landing import Fresh, land, triage
 from loop_sync.normalize import REJECT_COLUMNS, normalize
 from loop_sync.schema import (
     RESULT_COLUMN_NAMES,
@@ -151,7 +151,9 @@ def write_batch(
             if written.held_elsewhere:
                 refused = pd.concat([refused, _held_elsewhere(fresh, written.held_elsewhere)])
             counts.rejected = _upsert_rejects(connection, refused, now)
-        counts.deleted = _soft_delete(connection, [p for p in changed if p.complete], held, now)
+        listed = zip(changed, fresh.listed, strict=True)
+        complete = [(pull.user_id, ids) for pull, ids in listed if pull.complete]
+        counts.deleted = _soft_delete(connection, complete, held, now)
         if record_state:
             _record_success(connection, changed, run_id=run_id, now=now)
             _record_unchanged(connection, unchanged, run_id=run_id, now=now)
@@ -364,9 +366,9 @@ def _held_elsewhere(fresh: Fresh, refused: set[tuple[str, str]]) -> pd.DataFrame
     for two people is bad data, and taking the row over would hand one person's result
     to another. The reject keeps the record as it was landed, so nothing is lost."""
     rows = [
-        (user_id, digest, record_id(record), HELD_ELSEWHERE, payload)
-        for user_id, record, digest, payload in zip(
-            fresh.user_ids, fresh.records, fresh.hashes, fresh.payloads, strict=True
+        (user_id, digest, rid, HELD_ELSEWHERE, payload)
+        for user_id, rid, digest, payload in zip(
+            fresh.user_ids, fresh.ids, fresh.hashes, fresh.payloads, strict=True
         )
         if (user_id, digest) in refused
     ]
@@ -430,15 +432,18 @@ def _upsert_from(connection: Connection, stage: Table, now: datetime, *, force: 
 
 
 def _soft_delete(
-    connection: Connection, complete: Sequence[UserPull], held: dict[str, Held], now: datetime
+    connection: Connection,
+    complete: Sequence[tuple[str, list[str | None]]],
+    held: dict[str, Held],
+    now: datetime,
 ) -> int:
     """Results a complete pull no longer lists are marked deleted (restored if they return).
 
-    A pull holding a record without a usable id (malformed, hence rejected) proves nothing
+    `complete` holds each complete pull's user and the `record_id` of its every record. A
+    pull holding a record without a usable id (malformed, hence rejected) proves nothing
     about absence: that record may be any of the user's results, so it deletes nothing.
     """
-    listed = [(pull.user_id, list(map(record_id, pull.records))) for pull in complete]
-    listed = [(user_id, ids) for user_id, ids in listed if all(ids)]
+    listed = [(user_id, ids) for user_id, ids in complete if all(ids)]
     if not listed:
         return 0
     users = {user_id for user_id, _ in listed}

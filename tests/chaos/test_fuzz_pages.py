@@ -1107,7 +1107,8 @@ def test_only_ids_the_warehouse_can_store_are_landed_as_ids() -> None:
     a string of 1 to 255 characters without NUL or a lone surrogate."""
     assert record_id({"id": "res_1"}) == "res_1"
     assert record_id({"id": "r" * 255}) == "r" * 255
-    unstorable = ["", "res\x00", "res\ud800", "r" * 256, 7, None]
+    assert record_id({"id": "résultat-µ"}) == "résultat-µ"  # not ASCII, but storable
+    unstorable = ["", "res\x00", "rés\x00", "res\ud800", "r" * 256, 7, None]
     assert [record_id({"id": rid}) for rid in unstorable] == [None] * len(unstorable)
 
 
