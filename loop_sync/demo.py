@@ -37,6 +37,11 @@ from loop_sync.web.app import create_app
 
 USERS = 25
 MONTH_S = 30 * 86400
+# How long the demo lets Prefect's local (ephemeral) server take to start. Its first start
+# from a fresh clone creates and migrates a new database from cold files: that took more
+# than Prefect's default of 20 s on a slow day of the 2-core build machine, and the demo
+# stopped with "Timed out while attempting to connect to ephemeral Prefect API server".
+PREFECT_STARTUP_S = 180
 EXAMPLE_QUERIES = {
     "Latest LDL cholesterol per person, in mg/dL": (
         "SELECT user_id, collected_at, value_operator, value_canonical, unit_canonical\n"
@@ -54,15 +59,25 @@ EXAMPLE_QUERIES = {
 }
 
 
+def prefect_environment(directory: Path) -> dict[str, str]:
+    """Prefect's local mode for the demo, unless the environment says otherwise: its state
+    under `directory`, no analytics, quiet logs, and time for a cold first start."""
+    return {
+        "PREFECT_HOME": str((directory / "prefect").resolve()),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": str(PREFECT_STARTUP_S),
+    }
+
+
 def run_demo(directory: Path, console: Console) -> Path:
     """Run the demo into `directory` (replacing an earlier demo's warehouse); returns it."""
     directory.mkdir(parents=True, exist_ok=True)
     warehouse = directory / "loop_sync_demo.db"
     for stale in directory.glob("loop_sync_demo.db*"):
         stale.unlink()
-    os.environ.setdefault("PREFECT_HOME", str((directory / "prefect").resolve()))
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    for name, value in prefect_environment(directory).items():
+        os.environ.setdefault(name, value)
     started = time.monotonic()
     with _platform(warehouse) as (sandbox, web_url, settings):
         console.print(f"[bold]1.[/bold] Loop sandbox on {sandbox.issuer}, web app on {web_url}")

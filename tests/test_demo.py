@@ -7,8 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from prefect.settings import Settings
 from sqlalchemy import create_engine, func, select
 
+from loop_sync.demo import prefect_environment
 from loop_sync.schema import biomarker_result_history, biomarker_results, grants, sync_runs
 
 
@@ -44,3 +47,17 @@ def test_the_demo_connects_25_people_syncs_twice_and_leaves_a_warehouse(tmp_path
     assert results is not None
     assert results > 25
     assert history == runs[1][2]  # each correction the second run applied kept its old version
+
+
+def test_the_demo_waits_for_a_cold_first_start_of_prefects_local_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh clone's first demo starts Prefect's local server on a new database, which
+    took longer than Prefect's default 20 s on a slow machine: the demo stopped with
+    "Timed out while attempting to connect to ephemeral Prefect API server"."""
+    monkeypatch.delenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", raising=False)
+    for name, value in prefect_environment(tmp_path).items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert settings.server.ephemeral.startup_timeout_seconds >= 120
+    assert settings.home == (tmp_path / "prefect").resolve()
