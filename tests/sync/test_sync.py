@@ -525,17 +525,18 @@ def test_one_result_id_listed_for_two_users_stays_with_the_first_and_is_rejected
     first, second = ldl_result("res_shared"), {**ldl_result("res_shared"), "value": 99.0}
     pulls = [UserPull("usr_0001", [first], True), UserPull("usr_0002", [second], True)]
     together = write_batch(services.engine, pulls, run_id="r1", now=utcnow())
+    own = {**ldl_result("res_own"), "value": 101.0}  # written beside the refused one
     apart = write_batch(
-        services.engine, [UserPull("usr_0003", [second], True)], run_id="r2", now=utcnow()
+        services.engine, [UserPull("usr_0003", [second, own], True)], run_id="r2", now=utcnow()
     )
 
-    assert (together.inserted, together.rejected, apart.inserted, apart.rejected) == (1, 1, 0, 1)
+    assert (together.inserted, together.rejected, apart.inserted, apart.rejected) == (1, 1, 1, 1)
     with services.engine.connect() as connection:
         held = connection.execute(
             select(biomarker_results.c.user_id, biomarker_results.c.value_source)
         ).all()
         refused = connection.execute(select(rejects.c.user_id, rejects.c.reason)).all()
-    assert [tuple(row) for row in held] == [("usr_0001", 120.0)]
+    assert sorted(tuple(row) for row in held) == [("usr_0001", 120.0), ("usr_0003", 101.0)]
     assert sorted(tuple(row) for row in refused) == [
         ("usr_0002", HELD_ELSEWHERE),
         ("usr_0003", HELD_ELSEWHERE),
