@@ -348,7 +348,9 @@ def upsert_results(
     if corrected.any():
         _keep_history(connection, _stage, now)
     kept, inserted = int(keep.sum()), int(new.sum())
-    written = connection.execute(_upsert_from(connection, _stage, now, force=force)).rowcount
+    upsert = _upsert_from(connection, _stage, now, force=force)
+    # SQLAlchemy keeps an INSERT's rowcount only when asked; without it, it reads -1.
+    written = connection.execute(upsert, execution_options={"preserve_rowcount": True}).rowcount
     if written < kept:  # some ids new to these users are another user's: which (bad data)
         taken = _held_by_others(connection, _stage)
         elsewhere |= taken

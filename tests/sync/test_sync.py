@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from loop_sync.catalog import CatalogUnit, load_catalog
 from loop_sync.load import HELD_ELSEWHERE, LoadCounts, UserPull, write_batch
@@ -541,6 +541,29 @@ def test_one_result_id_listed_for_two_users_stays_with_the_first_and_is_rejected
         ("usr_0002", HELD_ELSEWHERE),
         ("usr_0003", HELD_ELSEWHERE),
     ]
+
+
+def test_a_batch_whose_ids_no_one_else_holds_asks_nothing_about_other_users(
+    services: Services,
+) -> None:
+    """The look-up of ids held by other users runs only when the upsert wrote fewer rows
+    than it was given: a batch of new results (every night's usual) skips it."""
+    statements: list[str] = []
+
+    def seen(*args: Any) -> None:
+        statements.append(args[2])  # the SQL text
+
+    event.listen(services.engine, "before_cursor_execute", seen)
+    try:
+        fresh = [ldl_result(f"res_new_{n}") for n in range(3)]
+        counts = write_batch(
+            services.engine, [UserPull("usr_0001", fresh, True)], run_id="r", now=utcnow()
+        )
+    finally:
+        event.remove(services.engine, "before_cursor_execute", seen)
+    assert (counts.inserted, counts.rejected) == (3, 0)
+    joins = [sql for sql in statements if "JOIN biomarker_results" in sql]
+    assert joins == []
 
 
 def test_a_result_one_user_no_longer_lists_is_deleted_though_another_lists_its_id(
