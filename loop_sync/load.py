@@ -347,17 +347,17 @@ def upsert_results(
     bulk_insert(connection, _stage, _STAGED, zip(*columns, strict=True))
     if corrected.any():
         _keep_history(connection, _stage, now)
-    kept, inserted = int(keep.sum()), int(new.sum())
+    kept, added = int(keep.sum()), int(new.sum())
     upsert = _upsert_from(connection, _stage, now, force=force)
     # SQLAlchemy keeps an INSERT's rowcount only when asked; without it, it reads -1.
     written = connection.execute(upsert, execution_options={"preserve_rowcount": True}).rowcount
+    taken: set[tuple[str, str]] = set()
     if written < kept:  # some ids new to these users are another user's: which (bad data)
         taken = _held_by_others(connection, _stage)
         elsewhere |= taken
-        inserted -= len(taken)
     if connection.dialect.name != "postgresql":
         _stage.drop(connection)  # PostgreSQL drops it at commit; a rollback undoes it anyway
-    return Written(inserted, kept - int(new.sum()), elsewhere)
+    return Written(added - len(taken), kept - added, elsewhere)
 
 
 def _held_by_others(connection: Connection, stage: Table) -> set[tuple[str, str]]:
