@@ -31,7 +31,8 @@ from loop_sync.sync import RunSummary, SyncCounts
 )
 def refresh_tokens(idle_days: float | None) -> SyncCounts:
     """Refresh the idle grants; returns how many were refreshed, lost or failed."""
-    report = current_services().vault.rotate(idle_days=idle_days)
+    services = current_services()
+    report = services.vault.rotate(idle_days=idle_days, budget=services.budget)
     reauth = set(report.reauth_required)
     return SyncCounts(
         users_attempted=len(report.refreshed) + len(report.failed),

@@ -238,7 +238,7 @@ def rotate(
     Example: loop-sync rotate --idle-days 30
     """
     with _services() as services:
-        report = services.vault.rotate(user, idle_days)
+        report = services.vault.rotate(user, idle_days, budget=services.budget)
     console.print(
         f"refreshed {len(report.refreshed)}, reauth_required {len(report.reauth_required)}, "
         f"failed {len(report.failed) - len(report.reauth_required)}"

@@ -38,6 +38,7 @@ from loop_sync.errors import (
     TransientError,
 )
 from loop_sync.oidc import HTTP_TIMEOUT_S, OidcClient, TokenResponse
+from loop_sync.ratelimit import RateBudget
 from loop_sync.schema import (
     GRANT_ACTIVE,
     GRANT_REAUTH_REQUIRED,
@@ -303,12 +304,18 @@ class TokenVault:
     # --- operations ------------------------------------------------------------------
 
     def rotate(
-        self, user_ids: Iterable[str] | None = None, idle_days: float | None = None
+        self,
+        user_ids: Iterable[str] | None = None,
+        idle_days: float | None = None,
+        *,
+        budget: RateBudget,
     ) -> RotationReport:
         """Keep-alive: refresh active grants (all, the given ones, or those idle that long).
 
         Each refresh slides Loop's 90-day refresh-token window; one user's failure never
-        stops the others.
+        stops the others. Each takes a slot of the client's `budget` first: refreshes one
+        after another go as fast as Loop answers, which on a quick link is past its limit,
+        and a 429 would fail the user until the next rotation.
         """
         query = (
             select(grants.c.user_id)
@@ -326,6 +333,7 @@ class TokenVault:
             selected = list(connection.execute(query.order_by(grants.c.user_id)).scalars())
         report = RotationReport()
         for user_id in selected:
+            budget.acquire_blocking()
             try:
                 self.refresh(user_id)
                 report.refreshed.append(user_id)

@@ -9,6 +9,7 @@ import sqlalchemy
 from sqlalchemy import Column, Integer, String, Table, select
 
 from loop_sync.errors import ReauthRequired
+from loop_sync.ratelimit import RateBudget
 from loop_sync.sandbox import Sandbox
 from loop_sync.schema import (
     GRANT_ACTIVE,
@@ -251,7 +252,7 @@ def test_rotate_idle_days_refreshes_only_grants_idle_longer_than_that(
     services.vault.access_token(OTHER)  # OTHER was used (refreshed) ten days later
     sandbox.clock.advance(1 * DAY)
 
-    report = services.vault.rotate(idle_days=5)
+    report = services.vault.rotate(idle_days=5, budget=services.budget)
 
     assert report.refreshed == [USER]
     assert report.reauth_required == []
@@ -268,7 +269,7 @@ def test_rotate_user_ids_refreshes_only_those_users(services: Services, sandbox:
         consent(services, user)
     before = {user: stored_access_token(services, user) for user in ("usr_0001", USER, OTHER)}
 
-    report = services.vault.rotate(user_ids=[OTHER, "usr_0001"])
+    report = services.vault.rotate(user_ids=[OTHER, "usr_0001"], budget=services.budget)
 
     assert report.refreshed == ["usr_0001", OTHER]
     assert sandbox.counters.refreshes == {"usr_0001": 1, OTHER: 1}
@@ -285,13 +286,28 @@ def test_rotate_reports_a_dead_grant_and_still_refreshes_the_others(
     consent(services, OTHER)
     revoke_at_loop(sandbox, stored_refresh_token(services, USER))
 
-    report = services.vault.rotate()
+    report = services.vault.rotate(budget=services.budget)
 
     assert report.refreshed == [OTHER]
     assert report.reauth_required == [USER]
     assert "Loop refused the refresh token" in report.failed[USER]
     assert grant_row(services.engine, USER).status == GRANT_REAUTH_REQUIRED
     assert grant_row(services.engine, OTHER).status == GRANT_ACTIVE
+
+
+def test_rotate_paces_its_refreshes_under_loops_limit(services: Services, sandbox: Sandbox) -> None:
+    """A keep-alive of many grants takes a slot of the client's budget per refresh: unpaced,
+    refreshes one after another outran Loop's limit and users failed on its 429s."""
+    users = [f"usr_{n:04d}" for n in range(1, 6)]  # every user of the test sandbox
+    for user in users:
+        consent(services, user)
+    sandbox.set_knobs(rate_limit_rps=5, rate_limit_burst=2)
+
+    report = services.vault.rotate(budget=RateBudget(4, burst=1))
+
+    assert report.failed == {}
+    assert report.refreshed == users
+    assert sandbox.counters.rate_limited.total() == 0
 
 
 # --- disconnect ----------------------------------------------------------------------
