@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -30,6 +31,7 @@ import re
 import ssl
 import time
 from collections.abc import AsyncGenerator, Generator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final
@@ -65,6 +67,13 @@ _ERROR_CODE = re.compile(r"[a-z_]{1,64}")  # Loop's codes; anything else is not 
 _CHALLENGE_ERROR = re.compile(r'(?:^|[\s,])error="([^"]*)"')
 MAX_DEPTH: Final = 254  # levels of nesting a page may have (the page itself is level 1)
 TOO_DEEP: Final = f"JSON nested more than {MAX_DEPTH} levels deep"
+# Threads a client gives the vault (`VaultAuth`). A refresh waits on Loop (its latency),
+# then holds a pooled database connection for a few statements: 8 sustain ~100 refreshes/s
+# per client, more than the budget lets through at R = 200 (a refresh and a page per
+# user). More only fought over the GIL and the engine's connections: measured on a
+# nightly-like run (5,000 users, every token expired), 8 took 58 s, 4 took 72 s, 12 took
+# 70 s and 32 took 69-79 s (docs/performance.md).
+REFRESHES_AT_ONCE: Final = 8
 
 
 class UserSyncFailed(LoopSyncError):
@@ -171,18 +180,25 @@ class VaultAuth(httpx.Auth):
     """Bearer tokens from the vault; on a 401 invalid_token, one refresh and one retry.
 
     It overrides `async_auth_flow` because the vault blocks (a database lease, a refresh
-    POST): it runs in a thread. The vault's lease makes the refresh one per user across
-    processes, and `rejected=` keeps a token another process already replaced from being
-    refreshed twice. A bare 401 (no error code) counts as invalid_token.
+    POST): it runs in one of `threads`, the client's own pool (`REFRESHES_AT_ONCE`). A
+    nightly run finds every access token expired, so every user's first request waits for
+    a refresh; in asyncio's default pool (six threads on two cores, shared with the
+    writes) the refreshes, not the rate budget, set the pace. The vault's lease makes the
+    refresh one per user across processes, and `rejected=` keeps a token another process
+    already replaced from being refreshed twice. A bare 401 (no error code) counts as
+    invalid_token.
 
     Every request it sends, the retry after a refresh and the refresh itself included,
     first waits for the client's shared `budget`, so the budget sees what Loop sees.
     """
 
-    def __init__(self, vault: TokenVault, user_id: str, budget: RateBudget) -> None:
+    def __init__(
+        self, vault: TokenVault, user_id: str, budget: RateBudget, threads: ThreadPoolExecutor
+    ) -> None:
         self.vault = vault
         self.user_id = user_id
         self.budget = budget
+        self.threads = threads
         self.requests = 0  # requests sent through this auth (retries included)
         self.refreshes = 0
         self.rate_wait_s = 0.0  # time its requests waited for the budget
@@ -221,7 +237,8 @@ class VaultAuth(httpx.Auth):
         refreshes came on top of the pages). A slot is wasted only when another process
         refreshed meanwhile, or when the batch's tokens were not read ahead (`warm`)."""
         self.rate_wait_s += await self.budget.acquire()
-        return await asyncio.to_thread(self.vault.access_token, self.user_id, rejected=rejected)
+        lookup = functools.partial(self.vault.access_token, self.user_id, rejected=rejected)
+        return await asyncio.get_running_loop().run_in_executor(self.threads, lookup)
 
 
 @dataclass
@@ -280,11 +297,17 @@ class LoopClient:
             )
             for _ in range(concurrency or settings.concurrency)
         ]
+        self._vault_threads = ThreadPoolExecutor(
+            min(len(self._clients), REFRESHES_AT_ONCE), "loop-sync-vault"
+        )
         self._idle: asyncio.Queue[httpx.AsyncClient] = asyncio.Queue()
         self._open = contextlib.AsyncExitStack()
         self._page_urls: dict[int, httpx.URL] = {}
 
     async def __aenter__(self) -> LoopClient:
+        # Not waited for: a refresh still running (its fetch was cancelled) stores the
+        # rotated token on its own, and the interpreter joins the thread before it exits.
+        self._open.callback(self._vault_threads.shutdown, wait=False)
         for http in self._clients:
             self._idle.put_nowait(await self._open.enter_async_context(http))
         return self
@@ -308,7 +331,7 @@ class LoopClient:
         http = await self._idle.get()  # the user's turn, and the connection for it
         try:
             allowed = self.settings.user_time_budget_s
-            auth = VaultAuth(self.vault, user_id, self.budget)
+            auth = VaultAuth(self.vault, user_id, self.budget, self._vault_threads)
             run = _Run(user_id, http, auth, time.monotonic() + allowed, last_digest=last_digest)
             try:
                 async with asyncio.timeout(allowed):

@@ -95,6 +95,10 @@ class TokenVault:
         # refresh: a sync reads a batch's tokens in one query (`warm`) rather than one
         # read per request. A token Loop rejects is dropped and read again.
         self._fresh: dict[str, tuple[str, datetime]] = {}
+        # Users whose stored token `warm` found due for a refresh: the first `access_token`
+        # for them goes straight to the lease, whose read decides (a nightly run finds every
+        # token due, and each statement of a refresh costs the event loop's thread its GIL).
+        self._due: set[str] = set()
 
     # --- consent ---------------------------------------------------------------------
 
@@ -141,9 +145,9 @@ class TokenVault:
         if rejected is None and (cached := self.cached(user_id)) is not None:
             return cached
         self._fresh.pop(user_id, None)
-        row = self._read(user_id)
-        usable = self._usable(row, rejected)
-        if usable is not None:
+        if user_id in self._due:  # `warm` just read it due: the read under the lease decides
+            self._due.discard(user_id)
+        elif (usable := self._usable(self._read(user_id), rejected)) is not None:
             return usable
         # One lease holder per call, not per vault: threads sharing this vault (a web app,
         # a flow's pool) must exclude each other as much as processes do.
@@ -161,11 +165,13 @@ class TokenVault:
         try:
             row = self._read(user_id)  # re-read under the lease
             usable = self._usable(row, rejected)
-            if usable is not None:
-                return usable
-            return self._refresh_leased(user_id, row)
-        finally:
+            if usable is None:  # the commit of the new tokens releases the lease too
+                return self._refresh_leased(user_id, row)
+        except BaseException:
             self._release(user_id, owner)
+            raise
+        self._release(user_id, owner)
+        return usable
 
     def refresh(self, user_id: str) -> str:
         """Refresh now, even if the cached access token is still fresh (keep-alive)."""
@@ -187,7 +193,8 @@ class TokenVault:
                 _TOKENS.where(grants.c.user_id.in_(user_ids), grants.c.status == GRANT_ACTIVE)
             ).all()
         for row in rows:
-            self._usable(row, None)
+            if self._usable(row, None) is None:
+                self._due.add(row.user_id)
 
     def _read(self, user_id: str) -> Row[Any]:
         with self.engine.connect() as connection:

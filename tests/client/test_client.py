@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,13 +19,13 @@ from sqlalchemy import select
 
 from loop_sync import contract
 from loop_sync import grants as grant_store
-from loop_sync.client import UserSyncFailed, api_error, parse_page
+from loop_sync.client import FetchResult, LoopClient, UserSyncFailed, api_error, parse_page
 from loop_sync.errors import ReauthRequired
 from loop_sync.ratelimit import DEFAULT_RETRY_POLICY, MalformedPage, RateBudget
 from loop_sync.sandbox import Sandbox
 from loop_sync.schema import GRANT_REAUTH_REQUIRED, tokens
 from loop_sync.services import Services
-from tests.client.conftest import Call, Fetch, Tap, ids, ok
+from tests.client.conftest import TEST_RPS, Call, Fetch, Tap, ids, ok
 from tests.vault.helpers import set_tokens
 
 USER, OTHER = "usr_0001", "usr_0002"
@@ -224,6 +227,35 @@ def test_refreshes_draw_from_the_budget_like_every_request(
     assert all(r.complete for r in results)
     assert sandbox.counters.refreshes.total() == len(USERS)
     assert sandbox.counters.rate_limited.total() == 0
+
+
+def test_refreshes_do_not_wait_for_the_event_loops_default_threads(
+    services: Services, sandbox: Sandbox, consent: Consent
+) -> None:
+    """A nightly run finds every access token expired, while its writes run in the event
+    loop's default threads. Refreshes have threads of their own: before, they queued there
+    behind the writes, and the refreshes, not the budget, set the run's pace."""
+    consent(*USERS)
+    for user in USERS:
+        set_tokens(services.engine, user, access_expires_at=datetime.now(UTC) - MINUTE)
+    settings = services.settings.model_copy(update={"rate_limit_rps": TEST_RPS})
+
+    async def main() -> list[FetchResult]:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(1))
+        writing = threading.Event()
+        write = loop.run_in_executor(None, writing.wait)  # a long write holds that thread
+        try:
+            async with LoopClient(settings, services.vault, RateBudget(TEST_RPS)) as client:
+                fetches = asyncio.gather(*(client.fetch_results(user) for user in USERS))
+                return await asyncio.wait_for(fetches, timeout=15)
+        finally:
+            writing.set()
+            await write
+
+    results = asyncio.run(main())
+    assert all(result.complete for result in results)
+    assert sandbox.counters.refreshes.total() == len(USERS)
 
 
 def test_client_budget_over_loops_limit_is_throttled_yet_completes(
