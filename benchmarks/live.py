@@ -348,7 +348,7 @@ def _expired(
             connection.execute(update(tokens).values(access_expires_at=expired))
     finally:
         engine.dispose()
-    _measured(report, "expired tokens", url, env, users=users, rps=rps)
+    _measured(report, "expired", url, env, users=users, rps=rps)
 
 
 def _measured(

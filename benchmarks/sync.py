@@ -38,7 +38,7 @@ on an emptied warehouse unless it is a re-sync.
   RSS is its VmHWM. The time split sums each stage over users and batches (fetches
   overlap each other and the writes, so stages can add up to more than the wall time);
   orchestration overhead is the flow's wall time outside the sync work itself.
-- *expired tokens*: the same first sync with every stored access token expired, as a nightly
+- *expired*: the same first sync with every stored access token expired, as a nightly
   run finds them a day after the last, so each user costs a refresh and a page. A
   figure, not a target: it shows what refreshes cost the sync process.
 - *shards=2*: two flow runs (shard 0 and 1 of 2) in two processes at once, each with
