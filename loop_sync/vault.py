@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, Row, delete, or_, select, update
+from sqlalchemy import Connection, Engine, Row, delete, or_, select, update
 
 from loop_sync import grants as grant_store
 from loop_sync.crypto import TokenCipher
@@ -60,6 +60,16 @@ _TOKENS = select(grants.c.status, grants.c.status_reason, tokens).select_from(
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def _read_on(connection: Connection, user_id: str) -> Row[Any]:
+    """The user's grant and tokens; ReauthRequired unless the grant is active."""
+    row = connection.execute(_TOKENS.where(grants.c.user_id == user_id)).one_or_none()
+    if row is None:
+        raise ReauthRequired(user_id, "no consent on record")
+    if row.status != GRANT_ACTIVE:
+        raise ReauthRequired(user_id, row.status_reason or row.status)
+    return row
 
 
 def _due(expires_at: datetime, lifetime_s: float) -> datetime:
@@ -154,7 +164,7 @@ class TokenVault:
         owner = f"{self.owner}:{uuid.uuid4().hex[:8]}"
         deadline = time.monotonic() + self.lease_s + HTTP_TIMEOUT_S
         pause = 0.02
-        while not self._acquire(user_id, owner):
+        while (leased := self._lease(user_id, owner, rejected)) is None:
             if time.monotonic() > deadline:
                 raise LeaseBusy(user_id)
             time.sleep(pause)
@@ -162,9 +172,8 @@ class TokenVault:
             usable = self._usable(self._read(user_id), rejected)
             if usable is not None:
                 return usable
+        row, usable = leased
         try:
-            row = self._read(user_id)  # re-read under the lease
-            usable = self._usable(row, rejected)
             if usable is None:  # the commit of the new tokens releases the lease too
                 return self._refresh_leased(user_id, row)
         except BaseException:
@@ -198,12 +207,7 @@ class TokenVault:
 
     def _read(self, user_id: str) -> Row[Any]:
         with self.engine.connect() as connection:
-            row = connection.execute(_TOKENS.where(grants.c.user_id == user_id)).one_or_none()
-        if row is None:
-            raise ReauthRequired(user_id, "no consent on record")
-        if row.status != GRANT_ACTIVE:
-            raise ReauthRequired(user_id, row.status_reason or row.status)
-        return row
+            return _read_on(connection, user_id)
 
     def _usable(self, row: Row[Any], rejected: str | None) -> str | None:
         """The stored access token if it is fresh and not the one just rejected; kept in
@@ -219,7 +223,16 @@ class TokenVault:
         self._fresh[row.user_id] = (token, due)
         return token
 
-    def _acquire(self, user_id: str, owner: str) -> bool:
+    def _lease(
+        self, user_id: str, owner: str, rejected: str | None
+    ) -> tuple[Row[Any], str | None] | None:
+        """Take the user's lease and read their row under it, in one transaction: the row
+        and its usable token (None: refresh it), or None if another holder has the lease.
+
+        A token to refresh whose last refresh is not in doubt is marked started in the same
+        commit, durable before the POST (`_refresh_leased`): one transaction, where a lease,
+        a read and the mark took three. The row keeps what was stored before the mark.
+        """
         now = self.clock()
         with self.engine.begin() as connection:
             taken = connection.execute(
@@ -234,7 +247,15 @@ class TokenVault:
                 )
                 .values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=self.lease_s))
             ).rowcount
-        return bool(taken)
+            if not taken:
+                return None
+            row = _read_on(connection, user_id)  # a dead grant raises: the lease rolls back
+            usable = self._usable(row, rejected)
+            if usable is None and row.refresh_token is not None and row.refresh_started_at is None:
+                connection.execute(
+                    update(tokens).where(tokens.c.user_id == user_id).values(refresh_started_at=now)
+                )
+        return row, usable
 
     def _release(self, user_id: str, owner: str) -> None:
         with self.engine.begin() as connection:
@@ -249,11 +270,12 @@ class TokenVault:
             self._mark_reauth(user_id, "Loop issued no refresh token")
         refresh_token = self.cipher.decrypt(row.refresh_token)
         outcome_was_unknown = row.refresh_started_at is not None
-        if outcome_was_unknown and self.oidc.still_active(refresh_token) is False:
-            # Loop rotated it and the answer is gone: say so without replaying the old
-            # token, which would revoke the grant at Loop and alert the user.
-            self._mark_reauth(user_id, LOST_ROTATION)
-        self._set_started(user_id, self.clock())
+        if outcome_was_unknown:  # else `_lease` marked this refresh started
+            if self.oidc.still_active(refresh_token) is False:
+                # Loop rotated it and the answer is gone: say so without replaying the old
+                # token, which would revoke the grant at Loop and alert the user.
+                self._mark_reauth(user_id, LOST_ROTATION)
+            self._set_started(user_id, self.clock())
         try:
             response = self.oidc.refresh(refresh_token)
         except InvalidGrant as exc:
