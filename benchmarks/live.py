@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 from cryptography.fernet import Fernet
-from sqlalchemy import text, update
+from sqlalchemy import Engine, text, update
 
 from benchmarks._common import Report, engine_for, rate, scratch_schema
 from loop_sync.config import load_settings
@@ -290,7 +290,7 @@ def run(
                 _knobs(url, latency_ms=latency_ms, rate_limit_rps=rate_limit)
                 _limited(report, url, limited, users=users, rps=rate_limit, latency_ms=latency_ms)
                 _wipe(db_url)
-                _expired(report, url, limited, db_url, users=users, rps=rate_limit)
+                _expired(report, url, limited, services.engine, users=users, rps=rate_limit)
                 _wipe(db_url)
                 _sharded(report, url, limited, rps=rate_limit)
                 _knobs(url, latency_ms=0, rate_limit_rps=None)
@@ -337,17 +337,13 @@ def _limited(
 
 
 def _expired(
-    report: Report, url: str, env: dict[str, str], db_url: str, *, users: int, rps: float
+    report: Report, url: str, env: dict[str, str], engine: Engine, *, users: int, rps: float
 ) -> None:
     """The same first sync with every access token expired, as a nightly run finds them a
     day after the last: a refresh and a page per user. A figure, not one of the targets."""
-    engine = engine_for(db_url)
-    try:
-        with engine.begin() as connection:
-            expired = datetime.now(UTC) - timedelta(hours=1)
-            connection.execute(update(tokens).values(access_expires_at=expired))
-    finally:
-        engine.dispose()
+    with engine.begin() as connection:
+        expired = datetime.now(UTC) - timedelta(hours=1)
+        connection.execute(update(tokens).values(access_expires_at=expired))
     _measured(report, "expired", url, env, users=users, rps=rps)
 
 
