@@ -26,6 +26,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 from cryptography.fernet import Fernet
 from sqlalchemy import Engine, text, update
@@ -482,7 +483,7 @@ def child_main(shard: int, shards: int) -> None:
     before = resource.getrusage(resource.RUSAGE_SELF)
     started_at = time.time()
     started = time.perf_counter()
-    state = sync_biomarkers(shard=shard, shards=shards, return_state=True)
+    state = anyio.run(lambda: sync_biomarkers(shard=shard, shards=shards, return_state=True))
     wall = time.perf_counter() - started
     ended_at = time.time()
     after = resource.getrusage(resource.RUSAGE_SELF)

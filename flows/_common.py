@@ -23,6 +23,14 @@ their syncs run on the flow run's one event loop (`Services.portal`): two event 
 two threads handed the GIL back and forth at every socket call, which cost a re-sync
 about 40% more CPU than one loop running both.
 
+Every flow is an `async def` whose body, plain blocking code, runs on a worker thread
+(`asyncio.to_thread`, which carries the flow run's context along). Prefect's engine for a
+sync flow joins the flow run's heartbeat thread when the run ends, and that thread sleeps
+in one-second steps: every sync flow run waited up to a second after its work was done,
+3-4 % of a benchmark's nightly run and a fifth of its re-sync (docs/performance.md). The
+engine for an async flow lets the thread go. Outside a worker, run a flow with
+`anyio.run(lambda: sync_biomarkers(return_state=True))`.
+
 Tokens are never parameters, results, artifacts or log lines: every task that may touch
 one uses `cache_policy=NO_CACHE` and `persist_result=False` and returns only counts.
 
@@ -279,24 +287,28 @@ def recorded_run(services: Services, kind: str) -> Iterator[RunSummary]:
 
 def publish_summary(summary: RunSummary) -> None:
     """The summary as a table artifact (`<kind>-summary`), and the failed users (up to
-    FAILURES_SHOWN) as `<kind>-failures`; counts, user ids and reasons only."""
+    FAILURES_SHOWN) as `<kind>-failures`; counts, user ids and reasons only.
+
+    It runs on a flow's worker thread, in an async flow's context, where Prefect's
+    `create_table_artifact` would hand back its coroutine: `_sync=True` asks for the call.
+    """
     rows: list[dict[str, Any]] = [{"metric": "run_id", "value": summary.run_id}]
-    rows += summary.as_rows()
-    create_table_artifact(
-        table=rows,
-        key=f"{summary.kind}-summary",
-        description=f"loop-sync {summary.kind} run `{summary.run_id}`: {_headline(summary)}",
-    )
+    tables = {
+        f"{summary.kind}-summary": (
+            rows + summary.as_rows(),
+            f"loop-sync {summary.kind} run `{summary.run_id}`: {_headline(summary)}",
+        )
+    }
     if summary.failures:
         shown = sorted(summary.failures.items())[:FAILURES_SHOWN]
-        create_table_artifact(
-            table=[{"user_id": user, "reason": reason} for user, reason in shown],
-            key=f"{summary.kind}-failures",
-            description=(
-                f"{len(shown)} of {len(summary.failures)} users not synced in run "
-                f"`{summary.run_id}`; `sync_state` has every one"
-            ),
+        tables[f"{summary.kind}-failures"] = (
+            [{"user_id": user, "reason": reason} for user, reason in shown],
+            f"{len(shown)} of {len(summary.failures)} users not synced in run "
+            f"`{summary.run_id}`; `sync_state` has every one",
         )
+    for key, (table, description) in tables.items():
+        # `_sync` is the switch of Prefect's async_dispatch, which its stubs do not declare.
+        create_table_artifact(table=table, key=key, description=description, _sync=True)  # type: ignore[call-arg]
 
 
 def _headline(summary: RunSummary) -> str:

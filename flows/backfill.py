@@ -13,6 +13,7 @@ and to the `backfill-summary` table artifact.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import date
 from typing import Annotated, Literal
 
@@ -63,7 +64,7 @@ def backfill_batch(
 
 
 @flow(name="backfill", persist_result=False)
-def backfill(  # noqa: PLR0917  (callers name flow parameters: --param)
+async def backfill(  # noqa: PLR0917  (callers name flow parameters: --param)
     users: list[str] | None = None,
     start: date | None = None,
     end: date | None = None,
@@ -81,6 +82,26 @@ def backfill(  # noqa: PLR0917  (callers name flow parameters: --param)
         batch_size: users per task.
         concurrency: users fetched at once in a batch (default LOOP_SYNC_CONCURRENCY).
     """
+    return await asyncio.to_thread(
+        _backfill,
+        users=users,
+        start=start,
+        end=end,
+        mode=mode,
+        batch_size=batch_size,
+        concurrency=concurrency,
+    )
+
+
+def _backfill(
+    *,
+    users: list[str] | None,
+    start: date | None,
+    end: date | None,
+    mode: Mode,
+    batch_size: int,
+    concurrency: int | None,
+) -> State[RunSummary]:
     if start is not None and end is not None and start > end:
         msg = f"the window starts ({start}) after it ends ({end}); swap start and end"
         raise ValueError(msg)

@@ -10,6 +10,7 @@ run Failed.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from prefect import State, flow, task
@@ -46,7 +47,7 @@ def purge(user_id: str) -> SyncCounts:
 
 
 @flow(name="purge-user", persist_result=False, flow_run_name="purge-{user_id}")
-def purge_user(
+async def purge_user(
     user_id: Annotated[str, Field(min_length=1)],
 ) -> State[RunSummary]:
     """Revoke the user's grant at Loop and delete everything loop-sync holds about them.
@@ -54,6 +55,10 @@ def purge_user(
     Args:
         user_id: the Loop user id to disconnect and purge.
     """
+    return await asyncio.to_thread(_purge, user_id)
+
+
+def _purge(user_id: str) -> State[RunSummary]:
     with run_services() as services, recorded_run(services, "purge") as summary:
         try:
             summary.merge(purge(user_id))

@@ -10,6 +10,7 @@ task returns counts only; the summary goes to `sync_runs` (`kind` rotate) and to
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from prefect import State, flow, task
@@ -44,7 +45,7 @@ def refresh_tokens(idle_days: float | None) -> SyncCounts:
 
 
 @flow(name="rotate-tokens", persist_result=False)
-def rotate_tokens(
+async def rotate_tokens(
     idle_days: Annotated[float | None, Field(ge=0)] = 30,
 ) -> State[RunSummary]:
     """Refresh idle grants so that they outlive Loop's 90-day window.
@@ -52,6 +53,10 @@ def rotate_tokens(
     Args:
         idle_days: only grants not refreshed for this many days; none means every grant.
     """
+    return await asyncio.to_thread(_rotate, idle_days)
+
+
+def _rotate(idle_days: float | None) -> State[RunSummary]:
     with run_services() as services, recorded_run(services, "rotate") as summary:
         summary.merge(refresh_tokens(idle_days))
     return final_state(summary)

@@ -11,6 +11,7 @@ as `flows/_common.py` explains; the summary goes to `sync_runs` and to the
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from prefect import State, flow
@@ -29,7 +30,7 @@ from loop_sync.sync import RunSummary
 
 
 @flow(name="sync-biomarkers", persist_result=False)
-def sync_biomarkers(
+async def sync_biomarkers(
     shard: Annotated[int, Field(ge=0)] = 0,
     shards: Annotated[int, Field(ge=1)] = 1,
     batch_size: Annotated[int, Field(ge=1)] = BATCH_SIZE,
@@ -43,6 +44,12 @@ def sync_biomarkers(
         batch_size: users per task.
         concurrency: users fetched at once in a batch (default LOOP_SYNC_CONCURRENCY).
     """
+    return await asyncio.to_thread(_sync_biomarkers, shard, shards, batch_size, concurrency)
+
+
+def _sync_biomarkers(
+    shard: int, shards: int, batch_size: int, concurrency: int | None
+) -> State[RunSummary]:
     with run_services(rate_share=shards) as services, recorded_run(services, "sync") as summary:
         users = select_active_users(shard=shard, shards=shards)
         run_in_batches(

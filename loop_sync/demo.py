@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 from cryptography.fernet import Fernet
 from rich.console import Console
@@ -165,7 +166,7 @@ def _sync(engine: Engine, console: Console) -> RunSummary:
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("syncing users", total=USERS)
         with _polling(lambda: bar.update(task, completed=_attempted(engine, since))):
-            state = sync_biomarkers(batch_size=5, return_state=True)
+            state = anyio.run(lambda: sync_biomarkers(batch_size=5, return_state=True))
     summary = state.result(raise_on_failure=False)
     if not isinstance(summary, RunSummary):
         msg = f"the sync flow ended {state.name} without a summary"

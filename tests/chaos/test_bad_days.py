@@ -40,6 +40,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+import anyio
 import httpx
 import pytest
 from cryptography.fernet import Fernet
@@ -251,7 +252,7 @@ def run_night(sandbox: Sandbox, services: Services, night: Night) -> None:
     started = utcnow()
     lost_before = Counter(sandbox.counters.responses_lost)
     for _ in range(MAX_RUNS_A_NIGHT):
-        state = sync_biomarkers(return_state=True)
+        state = anyio.run(lambda: sync_biomarkers(return_state=True))
         night.states.append(state)
         night.summaries.append(summary_of(state))
         if state.name == "Completed":

@@ -7,6 +7,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from prefect.client.schemas.objects import StateType
 from prefect.states import Completed, Failed
@@ -50,7 +51,7 @@ def test_nightly_sync_writes_every_user_one_run_row_and_a_summary_artifact(
     services: Services, users: list[str]
 ) -> None:
     """Every consented user is synced, in one task per batch, and the run is summarized."""
-    state = sync_biomarkers(batch_size=2, return_state=True)
+    state = anyio.run(lambda: sync_biomarkers(batch_size=2, return_state=True))
 
     assert state.type == StateType.COMPLETED
     assert state.name == "Completed"
@@ -77,7 +78,7 @@ def test_a_failing_user_leaves_the_others_synced_and_the_run_partial(
     """Loop refusing one user ends the run Completed/"Partial", with everyone else synced."""
     sandbox.set_knobs(forbidden_users={"usr_0002"})
 
-    state = sync_biomarkers(return_state=True)
+    state = anyio.run(lambda: sync_biomarkers(return_state=True))
 
     assert state.type == StateType.COMPLETED
     assert state.name == "Partial"
@@ -100,7 +101,7 @@ def test_a_run_where_no_user_goes_through_fails(
     """When every user fails the run is Failed, the state operators page on."""
     sandbox.set_knobs(forbidden_users=set(users))
 
-    state = sync_biomarkers(return_state=True)
+    state = anyio.run(lambda: sync_biomarkers(return_state=True))
 
     assert state.type == StateType.FAILED
     [run] = runs(services)
@@ -124,7 +125,7 @@ def test_a_batch_that_keeps_failing_counts_its_users_failed_and_the_run_goes_on(
 
     monkeypatch.setattr(flows._common, "sync_users_now", broken_for_first_batch)
 
-    state = sync_biomarkers(batch_size=2, return_state=True)
+    state = anyio.run(lambda: sync_biomarkers(batch_size=2, return_state=True))
 
     assert state.name == "Partial"
     # Each batch ran once (no retry of the first); two run at once, so in either order,
@@ -153,7 +154,7 @@ def test_a_transient_failure_retries_the_batch(
     monkeypatch.setattr(flows._common, "sync_users_now", flaky)
     monkeypatch.setattr(flows._common.sync_batch, "retry_delay_seconds", [0.0, 0.0])
 
-    state = sync_biomarkers(return_state=True)
+    state = anyio.run(lambda: sync_biomarkers(return_state=True))
 
     assert state.name == "Completed"
     assert calls == [users, users]
@@ -163,8 +164,8 @@ def test_a_transient_failure_retries_the_batch(
 
 def test_shards_split_the_users_between_workers(services: Services, users: list[str]) -> None:
     """Two shards sync disjoint sets of users that together make everyone."""
-    first = sync_biomarkers(shard=0, shards=2, return_state=True)
-    second = sync_biomarkers(shard=1, shards=2, return_state=True)
+    first = anyio.run(lambda: sync_biomarkers(shard=0, shards=2, return_state=True))
+    second = anyio.run(lambda: sync_biomarkers(shard=1, shards=2, return_state=True))
 
     assert first.is_completed()
     assert second.is_completed()
@@ -179,7 +180,7 @@ def test_shards_split_the_users_between_workers(services: Services, users: list[
 
 def test_a_shard_outside_the_shards_fails_and_is_recorded(services: Services) -> None:
     """A run that cannot start its work is Failed, and sync_runs says so."""
-    state = sync_biomarkers(shard=2, shards=2, return_state=True)
+    state = anyio.run(lambda: sync_biomarkers(shard=2, shards=2, return_state=True))
 
     assert state.type == StateType.FAILED
     [run] = runs(services)
@@ -191,8 +192,8 @@ def test_rotate_tokens_refreshes_idle_grants_only(
     services: Services, sandbox: Sandbox, users: list[str]
 ) -> None:
     """Fresh grants are left alone at idle_days=30; idle_days=None refreshes them all."""
-    quiet = rotate_tokens(return_state=True)
-    everyone = rotate_tokens(idle_days=None, return_state=True)
+    quiet = anyio.run(lambda: rotate_tokens(return_state=True))
+    everyone = anyio.run(lambda: rotate_tokens(idle_days=None, return_state=True))
 
     assert quiet.is_completed()
     assert everyone.is_completed()
@@ -207,12 +208,14 @@ def test_backfill_replay_calls_no_api_and_refetch_does(
     services: Services, sandbox: Sandbox, users: list[str]
 ) -> None:
     """Replay rewrites from the raw landing alone; refetch pulls from Loop again."""
-    assert sync_biomarkers(return_state=True).is_completed()
+    assert anyio.run(lambda: sync_biomarkers(return_state=True)).is_completed()
     before = biomarker_requests(sandbox)
 
-    replayed = backfill(mode="replay", return_state=True)
+    replayed = anyio.run(lambda: backfill(mode="replay", return_state=True))
     assert biomarker_requests(sandbox) == before
-    refetched = backfill(users=["usr_0001", "usr_0001"], mode="refetch", return_state=True)
+    refetched = anyio.run(
+        lambda: backfill(users=["usr_0001", "usr_0001"], mode="refetch", return_state=True)
+    )
     assert biomarker_requests(sandbox) > before
 
     assert replayed.is_completed()
@@ -227,7 +230,9 @@ def test_backfill_with_a_window_that_ends_before_it_starts_records_nothing(
     services: Services,
 ) -> None:
     """A reversed window fails at once, before any run is recorded."""
-    state = backfill(start=date(2024, 2, 1), end=date(2024, 1, 1), return_state=True)
+    state = anyio.run(
+        lambda: backfill(start=date(2024, 2, 1), end=date(2024, 1, 1), return_state=True)
+    )
 
     assert state.type == StateType.FAILED
     assert "swap start and end" in (state.message or "")
@@ -238,11 +243,11 @@ def test_purge_user_removes_the_users_data_and_keeps_the_others(
     services: Services, users: list[str]
 ) -> None:
     """The purged user's results are gone and their grant revoked; nobody else changes."""
-    assert sync_biomarkers(return_state=True).is_completed()
+    assert anyio.run(lambda: sync_biomarkers(return_state=True)).is_completed()
     held = count(services.engine, biomarker_results, biomarker_results.c.user_id == "usr_0001")
     others = count(services.engine, biomarker_results) - held
 
-    state = purge_user("usr_0001", return_state=True)
+    state = anyio.run(lambda: purge_user("usr_0001", return_state=True))
 
     assert state.is_completed()
     assert count(services.engine, biomarker_results, biomarker_results.c.user_id == "usr_0001") == 0
@@ -255,7 +260,7 @@ def test_purge_user_removes_the_users_data_and_keeps_the_others(
 
 def test_purging_an_unknown_user_fails_the_run(services: Services) -> None:
     """A user loop-sync never saw cannot be purged, and the run says so."""
-    state = purge_user("usr_9999", return_state=True)
+    state = anyio.run(lambda: purge_user("usr_9999", return_state=True))
 
     assert state.type == StateType.FAILED
     [run] = runs(services, "purge")
@@ -266,7 +271,7 @@ def test_onboard_syncs_the_newly_consented_user(services: Services) -> None:
     """The first sync of one user is its own recorded run."""
     consent(services, "usr_0003")
 
-    state = onboard("usr_0003", return_state=True)
+    state = anyio.run(lambda: onboard("usr_0003", return_state=True))
 
     assert state.is_completed()
     [run] = runs(services)
@@ -298,11 +303,11 @@ def test_no_token_reaches_artifacts_results_or_logs(
     caplog.set_level(logging.DEBUG)
     sandbox.set_knobs(forbidden_users={"usr_0004"})
     states = [
-        sync_biomarkers(return_state=True),
-        rotate_tokens(idle_days=None, return_state=True),
-        backfill(mode="refetch", return_state=True),
-        purge_user("usr_0001", return_state=True),
-        onboard("usr_0002", return_state=True),
+        anyio.run(lambda: sync_biomarkers(return_state=True)),
+        anyio.run(lambda: rotate_tokens(idle_days=None, return_state=True)),
+        anyio.run(lambda: backfill(mode="refetch", return_state=True)),
+        anyio.run(lambda: purge_user("usr_0001", return_state=True)),
+        anyio.run(lambda: onboard("usr_0002", return_state=True)),
     ]
     secrets = list(sandbox.authority.issued_secrets)
     assert len(secrets) > len(users)  # client secret, codes, access and refresh tokens
