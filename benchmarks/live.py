@@ -410,6 +410,15 @@ def _sharded(report: Report, url: str, env: dict[str, str], *, rps: float) -> No
     walls = " / ".join(f"{result['wall_s']:.1f}" for result in results)
     counts = " + ".join(str(result["users_attempted"]) for result in results)
     report.add(section, "users per shard; wall s per shard", f"{counts}; {walls}")
+    report.add(
+        section,
+        "per shard: orchestration overhead s; CPU s per 1,000 users",
+        " / ".join(
+            f"{result['wall_s'] * _overhead(result):.2f}; "
+            f"{result['cpu_s'] * 1000 / max(result['users_attempted'], 1):.1f}"
+            for result in results
+        ),
+    )
     report.add(section, "combined request rate vs R", f"{achieved:.1f}/s = {share:.0%}")
     report.add(
         section,
