@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, create_engine, make_url, text
 
 from loop_sync.sandbox.authority import user_ids
 from loop_sync.sandbox.data import SyntheticResults
@@ -36,6 +36,22 @@ def scratch_schema(database: str) -> Iterator[tuple[str, str]]:
     finally:
         with admin.begin() as connection:
             connection.execute(text(f"DROP SCHEMA IF EXISTS {name} CASCADE"))
+        admin.dispose()
+
+
+@contextmanager
+def scratch_database(database: str, driver: str) -> Iterator[str]:
+    """A fresh database on `database`'s server (its URL, with `driver`), dropped afterwards."""
+    name = f"bench_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(database, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f"CREATE DATABASE {name}"))
+        url = make_url(database).set(drivername=driver, database=name, query={})
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         admin.dispose()
 
 
