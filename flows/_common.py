@@ -27,8 +27,8 @@ Every flow is an `async def` whose body, plain blocking code, runs on a worker t
 (`asyncio.to_thread`, which carries the flow run's context along). Prefect's engine for a
 sync flow joins the flow run's heartbeat thread when the run ends, and that thread sleeps
 in one-second steps: every sync flow run waited up to a second after its work was done,
-3-4 % of a benchmark's nightly run and a fifth of its re-sync (docs/performance.md). The
-engine for an async flow lets the thread go. Outside a worker, run a flow with
+up to 4 % of a benchmark's nightly run and a fifth of its re-sync (docs/performance.md).
+The engine for an async flow lets the thread go. Outside a worker, run a flow with
 `anyio.run(lambda: sync_biomarkers(return_state=True))`.
 
 Tokens are never parameters, results, artifacts or log lines: every task that may touch
