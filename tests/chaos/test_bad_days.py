@@ -19,9 +19,8 @@ as an operator does, up to MAX_RUNS_A_NIGHT runs in all. The re-run also shows t
 syncing a night twice under faults is harmless, and that it no longer tries the users
 who must re-consent.
 
-The five nights run once per module (`bad_days`), and each test checks one property of
-them. SQLite only: the faults are Loop's, and tests/sync runs the write path on both
-dialects.
+The five nights run once per warehouse (`bad_days`: SQLite, then PostgreSQL, the
+production database), and each test checks one property of them.
 """
 
 from __future__ import annotations
@@ -68,7 +67,7 @@ from loop_sync.services import Services
 from loop_sync.sync import RunSummary
 from loop_sync.vault import LOST_ROTATION, utcnow
 from tests.orchestration import conftest as orchestration
-from tests.support import sandbox_settings
+from tests.support import fresh_pg_schema, sandbox_settings
 from tests.sync.helpers import DAY, Record, fast, rows
 from tests.sync.test_sync import expect_record
 
@@ -261,9 +260,24 @@ def run_night(sandbox: Sandbox, services: Services, night: Night) -> None:
     night.lost = set(Counter(sandbox.counters.responses_lost) - lost_before)
 
 
+@pytest.fixture(
+    scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
+def warehouse_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The five nights' warehouse: a SQLite file, then a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('warehouse') / 'warehouse.db'}"
+        return
+    with fresh_pg_schema(request.getfixturevalue("pg_url")) as url:
+        yield url
+
+
 @pytest.fixture(scope="module")
 def bad_days(
     request: pytest.FixtureRequest,
+    warehouse_url: str,
     sandbox_host: SandboxHost,
     prefect_api: str,
     tmp_path_factory: pytest.TempPathFactory,
@@ -280,7 +294,7 @@ def bad_days(
     sandbox = sandbox_host.mount(config)
     fernet_key = Fernet.generate_key().decode()
     settings = fast(
-        sandbox_settings(sandbox, f"sqlite:///{home / 'warehouse.db'}", fernet_key),
+        sandbox_settings(sandbox, warehouse_url, fernet_key),
         page_size=PAGE_SIZE,
         retry_after_cap_s=RETRY_AFTER_CAP_S,
     )
