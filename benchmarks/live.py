@@ -388,10 +388,14 @@ def _measured(
     report.add(
         section,
         "CPU s of the sync process per 1,000 users",
-        f"{result['cpu_s'] * 1000 / max(users, 1):.1f}",
+        f"{_cpu_per_1000_users(result):.1f}",
     )
     report.add(section, "peak RSS of the sync process, MiB", f"{result['max_rss_kib'] / 1024:.0f}")
     return result, share, from_429
+
+
+def _cpu_per_1000_users(result: dict[str, Any]) -> float:
+    return float(result["cpu_s"]) * 1000 / max(int(result["users_attempted"]), 1)
 
 
 def _overhead(result: dict[str, Any]) -> float:
@@ -421,8 +425,7 @@ def _sharded(report: Report, url: str, env: dict[str, str], *, rps: float) -> No
         section,
         "per shard: orchestration overhead s; CPU s per 1,000 users",
         " / ".join(
-            f"{result['wall_s'] * _overhead(result):.2f}; "
-            f"{result['cpu_s'] * 1000 / max(result['users_attempted'], 1):.1f}"
+            f"{result['wall_s'] * _overhead(result):.2f}; {_cpu_per_1000_users(result):.1f}"
             for result in results
         ),
     )
